@@ -1,0 +1,1 @@
+"""Protocol adapters: wire formats in, one `GenerationRequest` to the engine, events back out."""

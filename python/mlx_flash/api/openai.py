@@ -1,0 +1,439 @@
+"""OpenAI chat completions, completions and models (wire facts: docs/API.md, OpenAI section)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from mlx_flash.api.body import read_json_object
+from mlx_flash.api.errors import (
+    ApiError,
+    ContextLengthExceeded,
+    InternalError,
+    InvalidRequest,
+    ModelNotFound,
+)
+from mlx_flash.api.fields import Fields
+from mlx_flash.engine.engine import Engine, RequestHandle
+from mlx_flash.engine.prompt import encode_chat, encode_text
+from mlx_flash.engine.request import (
+    Failed,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    TextDelta,
+    TokenLogprob,
+)
+from mlx_flash.worker_state import WorkerState
+
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def error_body(err: ApiError) -> dict[str, Any]:
+    return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(err), status_code=err.status, headers=err.headers())
+
+
+# ---------------------------------------------------------------- request parsing
+
+
+@dataclass(frozen=True)
+class Common:
+    """Fields shared by chat and text completions."""
+
+    stream: bool
+    include_usage: bool
+    max_tokens: int | None
+    sampling: SamplingParams
+    stop: tuple[str, ...]
+
+
+def parse_common(f: Fields, vocab_size: int) -> Common:
+    n = f.integer("n", 1, lo=1)
+    if n != 1:
+        raise InvalidRequest("n > 1 is not supported; send separate requests instead", param="n")
+    stream = f.boolean("stream", False)
+    options = f.obj("stream_options")
+    include_usage = Fields(options, "stream_options.").boolean("include_usage", False) if options else False
+    max_tokens = f.integer("max_completion_tokens", None, lo=1)
+    if max_tokens is None:
+        max_tokens = f.integer("max_tokens", None, lo=1)
+    sampling = SamplingParams(
+        temperature=_num(f, "temperature", 1.0, 0.0, 2.0),
+        top_p=_num(f, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        top_k=f.integer("top_k", 0, lo=0) or 0,
+        min_p=_num(f, "min_p", 0.0, 0.0, 1.0),
+        seed=f.integer("seed", None),
+        repetition_penalty=f.number("repetition_penalty", None, 0.0, None, lo_open=True),
+        presence_penalty=f.number("presence_penalty", None, -2.0, 2.0),
+        frequency_penalty=f.number("frequency_penalty", None, -2.0, 2.0),
+        logit_bias=_logit_bias(f, vocab_size),
+    )
+    return Common(stream, include_usage, max_tokens, sampling, _stop(f))
+
+
+def _num(f: Fields, key: str, default: float, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    value = f.number(key, default, lo, hi, lo_open=lo_open)
+    return default if value is None else value
+
+
+def _stop(f: Fields) -> tuple[str, ...]:
+    value = f.body.get("stop")
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,) if value else ()
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise InvalidRequest("stop must be a string or a list of strings", param="stop")
+    if len(value) > 4:
+        raise InvalidRequest("stop may hold at most 4 strings", param="stop")
+    return tuple(s for s in value if s)
+
+
+def _logit_bias(f: Fields, vocab_size: int) -> dict[int, float]:
+    value = f.obj("logit_bias")
+    if not value:
+        return {}
+    bias: dict[int, float] = {}
+    for key, amount in value.items():
+        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
+            raise InvalidRequest(f"logit_bias key {key!r} is not a token id of this model", "logit_bias")
+        if isinstance(amount, bool) or not isinstance(amount, int | float) or not -100 <= amount <= 100:
+            raise InvalidRequest("logit_bias values must be numbers in [-100, 100]", "logit_bias")
+        bias[int(key)] = float(amount)
+    return bias
+
+
+def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    messages = body.get("messages")
+    if messages is None:
+        raise InvalidRequest("messages is required", param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages must be a non-empty array", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise InvalidRequest(f"{where} must be an object", param=where)
+        role = m.get("role")
+        if role not in ROLES:
+            raise InvalidRequest(f"{where}.role must be one of {sorted(ROLES)}", param=f"{where}.role")
+        msg = {k: v for k, v in m.items() if v is not None}
+        msg["role"] = "system" if role == "developer" else role
+        msg["content"] = _content(m.get("content"), f"{where}.content", optional=role == "assistant")
+        out.append(msg)
+    return out
+
+
+def _content(value: Any, where: str, *, optional: bool) -> str:
+    if value is None:
+        if optional:
+            return ""
+        raise InvalidRequest(f"{where} is required", param=where)
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise InvalidRequest(f"{where} must be a string or an array of content parts", param=where)
+    texts = []
+    for j, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise InvalidRequest(
+                f"{where}[{j}]: only text content parts are supported by this model (got {kind!r})",
+                param=f"{where}[{j}]",
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def reject_unsupported(f: Fields) -> None:
+    if f.body.get("tools"):
+        raise InvalidRequest("tool calling is not supported by this server yet", param="tools")
+    fmt = f.obj("response_format")
+    if fmt is not None and fmt.get("type") != "text":
+        raise InvalidRequest(
+            "response_format other than 'text' is not supported by this server yet", "response_format"
+        )
+
+
+def budget(engine: Engine, prompt_len: int, requested: int | None, param: str) -> int:
+    """max_tokens for the request, refusing prompts that do not fit the context."""
+    ctx = engine.loaded.context_length
+    if prompt_len >= ctx or (requested is not None and prompt_len + requested > ctx):
+        asked = f"{prompt_len + (requested or 0)} tokens ({prompt_len} in the prompt"
+        asked += f", {requested} for the completion)" if requested else ")"
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {ctx} tokens. However, you requested {asked}. "
+            "Please reduce the length of the prompt or the completion.",
+            param=param,
+        )
+    return requested if requested is not None else ctx - prompt_len
+
+
+# ---------------------------------------------------------------- responses
+
+
+def _lp(item: TokenLogprob) -> dict[str, Any]:
+    return {
+        "token": item.token,
+        "logprob": item.logprob,
+        "bytes": item.bytes,
+        "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes} for t in item.top],
+    }
+
+
+def usage(fin: Finished) -> dict[str, Any]:
+    return {
+        "prompt_tokens": fin.prompt_tokens,
+        "completion_tokens": fin.completion_tokens,
+        "total_tokens": fin.prompt_tokens + fin.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+
+
+def sse(payload: Any) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+async def collect(handle: RequestHandle, request: Request) -> tuple[str, list[TokenLogprob], Finished]:
+    """The whole generation; a client that disconnects meanwhile cancels it."""
+
+    async def watch_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        handle.cancel()
+
+    watcher = asyncio.create_task(watch_disconnect())
+    texts: list[str] = []
+    items: list[TokenLogprob] = []
+    try:
+        async for ev in handle.events():
+            if isinstance(ev, TextDelta):
+                texts.append(ev.text)
+                items.extend(ev.logprobs)
+            elif isinstance(ev, Failed):
+                raise InternalError()
+            else:
+                return "".join(texts), items, ev
+        raise InternalError()  # events() always ends with Finished or Failed
+    finally:
+        watcher.cancel()
+        handle.cancel()
+
+
+def streaming(body: AsyncIterator[bytes], handle: RequestHandle) -> StreamingResponse:
+    async def guarded() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:  # normal end, or the client went away and the server cancelled us
+            handle.cancel()
+
+    return StreamingResponse(guarded(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def stream_error() -> bytes:
+    return sse(error_body(InternalError("Generation failed after the response started.")))
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+async def chat_completions(request: Request) -> Response:
+    state: WorkerState = request.app.state.worker
+    body = await read_json_object(request, state.config.max_body_bytes)
+    f = Fields(body)
+    engine = state.engine_for(f.string("model", required=True) or "")
+    common = parse_common(f, engine.vocab_size)
+    reject_unsupported(f)
+    messages = parse_messages(body)
+    kwargs = f.obj("chat_template_kwargs") or {}
+    logprobs = f.boolean("logprobs", False)
+    top = f.integer("top_logprobs", 0, lo=0, hi=20) or 0
+    if top and not logprobs:
+        raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+    tokenizer = engine.loaded.tokenizer
+    prompt = await run_in_threadpool(encode_chat, tokenizer, messages, kwargs)
+    max_tokens = budget(engine, len(prompt), common.max_tokens, "messages")
+    handle = engine.submit(
+        GenerationRequest(prompt, max_tokens, common.sampling, common.stop, logprobs, top)
+    )
+    rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), engine.loaded.id
+
+    if not common.stream:
+        text, items, fin = await collect(handle, request)
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": {"content": [_lp(i) for i in items], "refusal": None} if logprobs else None,
+            "finish_reason": fin.reason,
+        }
+        return JSONResponse(
+            {"id": rid, "object": "chat.completion", "created": created, "model": model,
+             "choices": [choice], "usage": usage(fin)}
+        )
+
+    def chunk(delta: dict[str, Any], lps: Any = None, finish: str | None = None) -> bytes:
+        out: dict[str, Any] = {
+            "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": lps, "finish_reason": finish}],
+        }
+        if common.include_usage:
+            out["usage"] = None
+        return sse(out)
+
+    async def events() -> AsyncIterator[bytes]:
+        yield chunk({"role": "assistant", "content": ""})
+        async for ev in handle.events():
+            if isinstance(ev, TextDelta):
+                lps = {"content": [_lp(i) for i in ev.logprobs], "refusal": None} if logprobs else None
+                yield chunk({"content": ev.text}, lps)
+            elif isinstance(ev, Finished):
+                yield chunk({}, None, ev.reason)
+                if common.include_usage:
+                    yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                               "model": model, "choices": [], "usage": usage(ev)})
+            else:
+                yield stream_error()
+                return
+        yield b"data: [DONE]\n\n"
+
+    return streaming(events(), handle)
+
+
+async def completions(request: Request) -> Response:
+    state: WorkerState = request.app.state.worker
+    body = await read_json_object(request, state.config.max_body_bytes)
+    f = Fields(body)
+    engine = state.engine_for(f.string("model", required=True) or "")
+    common = parse_common(f, engine.vocab_size)
+    for key in ("suffix",):
+        if f.present(key):
+            raise InvalidRequest(f"{key} is not supported by this server", param=key)
+    if f.boolean("echo", False):
+        raise InvalidRequest("echo is not supported by this server", param="echo")
+    if (f.integer("best_of", 1, lo=1) or 1) > 1:
+        raise InvalidRequest("best_of > 1 is not supported", param="best_of")
+    top = f.integer("logprobs", None, lo=0, hi=20)
+    prompt = await run_in_threadpool(_completion_prompt, engine, body.get("prompt"))
+    max_tokens = budget(engine, len(prompt), common.max_tokens or 16, "prompt")
+    handle = engine.submit(
+        GenerationRequest(prompt, max_tokens, common.sampling, common.stop, top is not None, top or 0)
+    )
+    rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), engine.loaded.id
+
+    def logprobs_obj(items: list[TokenLogprob], offset: int) -> dict[str, Any] | None:
+        if top is None:
+            return None
+        offsets, pos = [], offset
+        for i in items:
+            offsets.append(pos)
+            pos += len(i.token)
+        return {
+            "tokens": [i.token for i in items],
+            "token_logprobs": [i.logprob for i in items],
+            "top_logprobs": [{t.token: t.logprob for t in i.top} for i in items],
+            "text_offset": offsets,
+        }
+
+    if not common.stream:
+        text, items, fin = await collect(handle, request)
+        choice = {"text": text, "index": 0, "logprobs": logprobs_obj(items, 0), "finish_reason": fin.reason}
+        return JSONResponse(
+            {"id": rid, "object": "text_completion", "created": created, "model": model,
+             "choices": [choice], "usage": usage(fin)}
+        )
+
+    def chunk(text: str, lps: Any = None, finish: str | None = None) -> bytes:
+        out: dict[str, Any] = {
+            "id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"text": text, "index": 0, "logprobs": lps, "finish_reason": finish}],
+        }
+        if common.include_usage:
+            out["usage"] = None
+        return sse(out)
+
+    async def events() -> AsyncIterator[bytes]:
+        offset = 0
+        async for ev in handle.events():
+            if isinstance(ev, TextDelta):
+                yield chunk(ev.text, logprobs_obj(list(ev.logprobs), offset))
+                offset += len(ev.text)
+            elif isinstance(ev, Finished):
+                yield chunk("", None, ev.reason)
+                if common.include_usage:
+                    yield sse({"id": rid, "object": "text_completion", "created": created,
+                               "model": model, "choices": [], "usage": usage(ev)})
+            else:
+                yield stream_error()
+                return
+        yield b"data: [DONE]\n\n"
+
+    return streaming(events(), handle)
+
+
+def _completion_prompt(engine: Engine, prompt: Any) -> list[int]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequest("prompt must not be empty", param="prompt")
+        return encode_text(engine.loaded.tokenizer, prompt)
+    if isinstance(prompt, list) and prompt and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in prompt
+    ):
+        if not all(0 <= t < engine.vocab_size for t in prompt):
+            raise InvalidRequest("prompt holds token ids outside this model's vocabulary", "prompt")
+        return list(prompt)
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise InvalidRequest("only one prompt per request is supported", param="prompt")
+    raise InvalidRequest("prompt must be a string or an array of token ids", param="prompt")
+
+
+def _model_card(engine: Engine) -> dict[str, Any]:
+    loaded = engine.loaded
+    return {"id": loaded.id, "object": "model", "created": loaded.created, "owned_by": "mlx-flash",
+            "context_length": loaded.context_length}
+
+
+async def list_models(request: Request) -> Response:
+    state: WorkerState = request.app.state.worker
+    data = [_model_card(e) for e in state.engines()]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def get_model(request: Request) -> Response:
+    state: WorkerState = request.app.state.worker
+    name = request.path_params["model"]
+    for engine in state.engines():
+        if engine.loaded.serves(name):
+            return JSONResponse(_model_card(engine))
+    raise ModelNotFound(name)
+
+
+def routes() -> list[BaseRoute]:
+    endpoints: list[tuple[str, Callable[[Request], Awaitable[Response]], list[str]]] = [
+        ("/chat/completions", chat_completions, ["POST"]),
+        ("/completions", completions, ["POST"]),
+        ("/models", list_models, ["GET"]),
+        ("/models/{model:path}", get_model, ["GET"]),
+    ]
+    return [
+        Route(prefix + path, endpoint, methods=methods)
+        for prefix in ("/v1", "")
+        for path, endpoint, methods in endpoints
+    ]

@@ -1,0 +1,84 @@
+"""Log probabilities in the OpenAI shape: chosen token, raw bytes, and the top alternatives."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from mlx_flash.engine.request import TokenLogprob, TopLogprob
+
+
+@cache
+def _gpt2_byte_decoder() -> dict[str, int]:
+    # GPT-2's reversible byte→unicode map, inverted (byte-level BPE token strings → bytes).
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    extra = (b for b in range(256) if b not in printable)
+    mapping = {chr(b): b for b in printable}
+    mapping.update({chr(256 + n): b for n, b in enumerate(extra)})
+    return mapping
+
+
+def _is_byte_level(model_path: Path) -> bool:
+    try:
+        spec = json.loads((model_path / "tokenizer.json").read_text())
+    except (OSError, ValueError):
+        return False
+    decoder = spec.get("decoder") or {}
+    return bool(decoder.get("type") == "ByteLevel")
+
+
+class TokenBytes:
+    """Raw bytes of single tokens, which may be half of a UTF-8 character."""
+
+    def __init__(self, tokenizer: Any, model_path: Path) -> None:
+        self._tokenizer = tokenizer
+        self._byte_level = _is_byte_level(model_path)
+        self._cache: dict[int, bytes] = {}
+
+    def __call__(self, token_id: int) -> bytes:
+        raw = self._cache.get(token_id)
+        if raw is None:
+            raw = self._lookup(token_id)
+            self._cache[token_id] = raw
+        return raw
+
+    def _lookup(self, token_id: int) -> bytes:
+        piece = self._tokenizer.convert_ids_to_tokens(token_id)
+        if self._byte_level and isinstance(piece, str):
+            table = _gpt2_byte_decoder()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        if isinstance(piece, str) and len(piece) == 6 and piece.startswith("<0x"):
+            return bytes([int(piece[3:5], 16)])  # SentencePiece byte fallback
+        return str(self._tokenizer.decode([token_id])).encode()
+
+
+def token_logprob(
+    logprobs: mx.array, token_id: int, text: str, top_n: int, token_bytes: TokenBytes
+) -> TokenLogprob:
+    """The chosen token's logprob and the `top_n` most likely alternatives (most likely first)."""
+    top: tuple[TopLogprob, ...] = ()
+    if top_n > 0:
+        ids = mx.argpartition(-logprobs, kth=top_n - 1)[:top_n]
+        values = logprobs[ids]
+        order = mx.argsort(-values)
+        ranked = zip(ids[order].tolist(), values[order].tolist(), strict=True)
+        top = tuple(
+            TopLogprob(
+                token=token_bytes(int(i)).decode(errors="replace"),
+                logprob=float(v),
+                bytes=list(token_bytes(int(i))),
+            )
+            for i, v in ranked
+        )
+    return TokenLogprob(
+        token=text,
+        logprob=float(logprobs[token_id].item()),
+        bytes=list(token_bytes(token_id)),
+        top=top,
+    )

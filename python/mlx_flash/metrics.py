@@ -1,0 +1,65 @@
+"""Prometheus series of a worker: prefix `mlx_flash_`, base units, bounded labels."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import REGISTRY, Collector
+
+from mlx_flash import memory
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+REQUESTS = Counter("mlx_flash_requests", "HTTP requests answered", ["route", "status"])
+REQUEST_SECONDS = Histogram(
+    "mlx_flash_request_duration_seconds", "End-to-end request time", ["route"], buckets=LATENCY_BUCKETS
+)
+REQUESTS_IN_FLIGHT = Gauge("mlx_flash_requests_in_flight", "Requests queued or generating", ["model"])
+QUEUE_SECONDS = Histogram(
+    "mlx_flash_queue_time_seconds", "Time from submission to generation start", ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+TTFT_SECONDS = Histogram(
+    "mlx_flash_time_to_first_token_seconds", "Time from submission to the first token", ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+INTER_TOKEN_SECONDS = Histogram(
+    "mlx_flash_inter_token_latency_seconds", "Time between consecutive tokens", ["model"],
+    buckets=TOKEN_BUCKETS,
+)
+PROMPT_TOKENS = Counter("mlx_flash_prompt_tokens", "Prompt tokens processed", ["model"])
+GENERATION_TOKENS = Counter("mlx_flash_generation_tokens", "Tokens generated", ["model"])
+MODEL_WEIGHT_BYTES = Gauge("mlx_flash_model_weight_bytes", "Weight bytes of loaded models", ["model"])
+MODEL_LOAD_SECONDS = Gauge("mlx_flash_model_load_seconds", "Time the last load of a model took", ["model"])
+
+PRESSURE_LEVELS = {"normal": 0, "warning": 1, "critical": 2}
+
+
+class MemoryCollector(Collector):
+    """Reads the memory snapshot at scrape time, so the numbers are never stale."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        snap = memory.snapshot()
+        if snap is None:
+            return
+        yield GaugeMetricFamily(
+            "mlx_flash_memory_available_bytes",
+            "Memory available to this process (the smaller of system and cgroup)",
+            value=snap["effective_available_bytes"],
+        )
+        yield GaugeMetricFamily(
+            "mlx_flash_memory_total_bytes",
+            "Memory this process may use (the smaller of system and cgroup limit)",
+            value=snap["effective_total_bytes"],
+        )
+        yield GaugeMetricFamily(
+            "mlx_flash_memory_pressure_level",
+            "Memory pressure: 0 normal, 1 warning, 2 critical",
+            value=PRESSURE_LEVELS[snap["pressure"]],
+        )
+
+
+REGISTRY.register(MemoryCollector())

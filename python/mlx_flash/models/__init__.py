@@ -1,0 +1,1 @@
+"""Model names, loading, and (later) scheduling of several models under a memory ceiling."""

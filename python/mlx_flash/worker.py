@@ -1,0 +1,237 @@
+"""The worker process: a Starlette app under uvicorn that owns one MLX model.
+
+    mlx-flash worker --model demo --host 127.0.0.1 --port 8081
+    python -m mlx_flash.worker --model ./my-model --port 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hmac
+import logging
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mlx_flash import __version__, metrics
+from mlx_flash import logging as json_logging
+from mlx_flash.api import openai
+from mlx_flash.api.errors import (
+    ApiError,
+    InternalError,
+    MethodNotAllowed,
+    RouteNotFound,
+    Unauthorized,
+)
+from mlx_flash.config import DEFAULT_MAX_BODY_BYTES, WorkerConfig, env_default
+from mlx_flash.engine.engine import Engine
+from mlx_flash.models.loader import load_model
+from mlx_flash.worker_state import WorkerState
+
+log = logging.getLogger(__name__)
+
+UNAUTHENTICATED = {"/health", "/ready"}
+ROUTE_LABELS = {"/chat/completions", "/completions", "/models", "/health", "/ready", "/metrics"}
+
+
+def route_label(path: str) -> str:
+    """A bounded label for metrics: the route, never the raw path."""
+    path = path.removeprefix("/v1")
+    if path.startswith("/models/"):
+        return "/models/{model}"
+    return path if path in ROUTE_LABELS else "other"
+
+
+class Observe:
+    """Request id, API key check, one JSON log line and metrics per request (streams included)."""
+
+    def __init__(self, app: ASGIApp, config: WorkerConfig) -> None:
+        self.app = app
+        self.api_key = config.api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            if self.api_key and scope["path"] not in UNAUTHENTICATED and not self._authorized(headers):
+                err = Unauthorized("Missing or incorrect API key (send 'Authorization: Bearer <key>').")
+                await openai.error_response(err)(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            route = route_label(scope["path"])
+            elapsed = time.perf_counter() - start
+            metrics.REQUESTS.labels(route=route, status=str(status)).inc()
+            metrics.REQUEST_SECONDS.labels(route=route).observe(elapsed)
+            if route not in ("/health", "/ready", "/metrics"):
+                log.info(
+                    "request",
+                    extra={"request_id": request_id, "method": scope["method"], "path": scope["path"],
+                           "status": status, "seconds": round(elapsed, 4)},
+                )
+
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        assert self.api_key is not None
+        given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+        return hmac.compare_digest(given.encode(), self.api_key.encode())
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok", "version": __version__})
+
+
+async def ready(request: Request) -> Response:
+    state: WorkerState = request.app.state.worker
+    if state.ready:
+        return JSONResponse({"status": "ready", "models": [e.loaded.id for e in state.engines()]})
+    status = "failed" if state.load_error else "loading"
+    return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
+
+
+async def prometheus(request: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return openai.error_response(exc)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return openai.error_response(RouteNotFound(f"Unknown route {request.method} {request.url.path}"))
+    if exc.status_code == 405:
+        return openai.error_response(
+            MethodNotAllowed(f"Method {request.method} is not allowed for {request.url.path}")
+        )
+    return openai.error_response(ApiError(str(exc.detail)))
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    # The traceback goes to the log, never to the client.
+    log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
+    return openai.error_response(InternalError())
+
+
+def create_app(state: WorkerState) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.worker = state
+        yield
+        state.close()
+
+    routes = [
+        Route("/health", health),
+        Route("/ready", ready),
+        Route("/metrics", prometheus),
+        *openai.routes(),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: internal_error},
+    )
+    app.add_middleware(Observe, config=state.config)
+    return app
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(info[0], socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(info[4])
+    sock.listen(2048)
+    return sock
+
+
+def run(config: WorkerConfig) -> int:
+    """Serve until interrupted; the model loads in the background while /ready says 503."""
+    json_logging.configure(config.log_level)
+    config.validate()
+    state = WorkerState(config)
+    sock = _bind(config.host, config.port)
+    host, port = sock.getsockname()[:2]
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(state), log_config=None, timeout_graceful_shutdown=10)
+    )
+
+    def load() -> None:
+        try:
+            loaded = load_model(config.model)
+            metrics.MODEL_WEIGHT_BYTES.labels(model=loaded.id).set(loaded.weight_bytes)
+            state.add(Engine(loaded))
+            log.info("ready", extra={"model": loaded.id})
+        except Exception as e:
+            log.exception("model failed to load", extra={"model": config.model})
+            state.load_error = f"{type(e).__name__}: {e}"
+            server.should_exit = True
+
+    log.info("listening", extra={"host": host, "port": port, "url": f"http://{host}:{port}"})
+    threading.Thread(target=load, name="model-loader", daemon=True).start()
+    server.run(sockets=[sock])
+    return 1 if state.load_error else 0
+
+
+def add_worker_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=env_default("MODEL", "demo"),
+                   help="'demo' (built in), a local mlx-lm model directory, or a Hugging Face repo id")
+    p.add_argument("--host", default=env_default("HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env_default("PORT", "8080")), help="0 picks a free port")
+    p.add_argument("--api-key", default=env_default("API_KEY", None),
+                   help="require this key (Bearer or x-api-key); mandatory off loopback")
+    p.add_argument("--max-body-bytes", type=int,
+                   default=int(env_default("MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES))))
+    p.add_argument("--log-level", default=env_default("LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"])
+
+
+def config_from(args: argparse.Namespace) -> WorkerConfig:
+    return WorkerConfig(
+        model=args.model, host=args.host, port=args.port, api_key=args.api_key,
+        max_body_bytes=args.max_body_bytes, log_level=args.log_level,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mlx_flash.worker", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_worker_flags(p)
+    args = p.parse_args(argv)
+    try:
+        return run(config_from(args))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)  # noqa: T201 - user-facing
+        return 2
+
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())
