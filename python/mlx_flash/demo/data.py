@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import random
+from functools import cache
 from typing import Any
+
+import jinja2.sandbox
 
 Message = dict[str, Any]
 Tool = dict[str, Any]
@@ -194,3 +197,18 @@ def _tool_conversation(rng: random.Random) -> tuple[list[Message], list[Tool]]:
         {"role": "assistant", "content": final},
     ]
     return _with_system(rng, msgs), TOOLS
+
+
+@cache
+def _template() -> jinja2.Template:
+    # The environment transformers renders chat templates in, so training text is byte for byte
+    # the text the server feeds the model (a unit test holds the two together).
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+    return env.from_string(CHAT_TEMPLATE)
+
+
+def render(messages: list[Message], tools: list[Tool] | None, gen: bool = False) -> str:
+    return _template().render(messages=messages, tools=tools, add_generation_prompt=gen)

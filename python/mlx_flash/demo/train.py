@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jinja2.sandbox
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -51,24 +50,7 @@ CONFIG: dict[str, Any] = {
 TASK_WEIGHTS = {"add": 60, "json": 8, "echo": 16, "greet": 4, "tool": 12}
 
 
-# ---------------------------------------------------------------- chat template and tokenizer
-
-
-def _template() -> jinja2.Template:
-    # The environment transformers renders chat templates with, so training text is the
-    # byte-for-byte text the server will feed the model.
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-    env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
-    return env.from_string(data.CHAT_TEMPLATE)
-
-
-TEMPLATE = _template()
-
-
-def render(msgs: list[data.Message], tools: list[data.Tool] | None, gen: bool = False) -> str:
-    return TEMPLATE.render(messages=msgs, tools=tools, add_generation_prompt=gen)
+# ---------------------------------------------------------------- tokenizer
 
 
 def build_tokenizer(rng: random.Random, vocab_size: int) -> Tokenizer:
@@ -87,7 +69,7 @@ def build_tokenizer(rng: random.Random, vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    corpus = [render(m, t) for _, m, t in (data.sample_conversation(rng) for _ in range(20000))]
+    corpus = [data.render(m, t) for _, m, t in (data.sample_conversation(rng) for _ in range(20000))]
     tok.train_from_iterator(corpus, trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in data.ADDED_TOKENS])
     return tok
@@ -226,12 +208,12 @@ class DemoMoe(nn.Module):
 
 def encode_example(tok: Tokenizer, msgs: list[data.Message], tools: list[data.Tool] | None) -> tuple[list[int], list[bool]]:
     """Token ids of the conversation and, per token, whether it is assistant output to learn."""
-    text = render(msgs, tools)
+    text = data.render(msgs, tools)
     spans = []
     for i, m in enumerate(msgs):
         if m["role"] == "assistant":
-            start = len(render(msgs[:i], tools, gen=True))
-            end = len(render(msgs[: i + 1], tools)) - 1  # learn <|im_end|>, not the newline after
+            start = len(data.render(msgs[:i], tools, gen=True))
+            end = len(data.render(msgs[: i + 1], tools)) - 1  # learn <|im_end|>, not the newline after
             spans.append((start, end))
     enc = tok.encode(text)
     learn = [any(s <= a < e for s, e in spans) for a, _ in enc.offsets]
@@ -273,7 +255,7 @@ def held_out_accuracy(model: DemoMoe, tok: Tokenizer, eos: int, n: int, seed: in
     pairs = random.Random(seed).sample(data.held_out_pairs(), n)
     ok = 0
     for a, b in pairs:
-        prompt = render([{"role": "user", "content": f"What is {a}+{b}?"}], None, gen=True)
+        prompt = data.render([{"role": "user", "content": f"What is {a}+{b}?"}], None, gen=True)
         ok += greedy(model, tok, prompt, eos) == str(a + b)
     return ok / n
 

@@ -1,0 +1,145 @@
+"""Shared test machinery: tiny random-weight models saved for mlx_lm.load, and real worker processes."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from mlx_flash.demo import DEMO_MODEL_PATH
+
+# Small but real architectures; the MoE ones are float32 because MLX's CPU gather_mm needs it.
+COMMON: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+}
+ARCHS: dict[str, dict[str, Any]] = {
+    "qwen3": {"model_type": "qwen3", "head_dim": 16},
+    "llama": {"model_type": "llama"},
+    "qwen3_moe": {
+        "model_type": "qwen3_moe",
+        "head_dim": 16,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
+    },
+    "mixtral": {"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2},
+}
+# A template variable only chat_template_kwargs can set: proves the kwargs reach the template.
+KWARG_TEMPLATE_SUFFIX = "{%- if note is defined %}{{- note }}{%- endif %}"
+
+
+def build_model(arch: str, path: Path, seed: int = 0, **overrides: Any) -> Path:
+    """A random-weight model of `arch` with the demo model's tokenizer, loadable by mlx_lm.load."""
+    path.mkdir(parents=True, exist_ok=True)
+    tok_config = json.loads((DEMO_MODEL_PATH / "tokenizer_config.json").read_text())
+    tok_config["chat_template"] += KWARG_TEMPLATE_SUFFIX
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    shutil.copy(DEMO_MODEL_PATH / "tokenizer.json", path / "tokenizer.json")
+    vocab = json.loads((DEMO_MODEL_PATH / "config.json").read_text())["vocab_size"]
+    eos = json.loads((DEMO_MODEL_PATH / "config.json").read_text())["eos_token_id"]
+    config = {**COMMON, **ARCHS[arch], "vocab_size": vocab, "eos_token_id": eos, **overrides}
+    module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    mx.random.seed(seed)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    # Default inits give near-uniform logits; sharper weights give varied, non-trivial text.
+    model.update(_scaled(model.parameters(), 4.0))
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def _scaled(params: Any, factor: float) -> Any:
+    if isinstance(params, dict):
+        return {k: _scaled(v, factor) for k, v in params.items()}
+    if isinstance(params, list):
+        return [_scaled(v, factor) for v in params]
+    return params * factor if params.ndim >= 2 else params
+
+
+@dataclass
+class Worker:
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one Prometheus sample (0 when absent)."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith(name + ("{" if labels else " ")):
+                sample, value = line.rsplit(" ", 1)
+                if not labels or all(f'{k}="{v}"' in sample for k, v in labels.items()):
+                    return float(value)
+        return 0.0
+
+
+@contextmanager
+def run_worker(model: str, log_path: Path, *args: str, timeout: float = 120.0) -> Iterator[Worker]:
+    """A real worker process on a free port; waits for /ready, always cleans up."""
+    cmd = [sys.executable, "-m", "mlx_flash.worker", "--model", model, "--port", "0", *args]
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = _wait_listening(proc, log_path, timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {proc.returncode}:\n{log_path.read_text()}")
+            try:
+                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        else:
+            raise TimeoutError(f"worker not ready after {timeout}s:\n{log_path.read_text()}")
+        yield Worker(url, proc, log_path)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+def _wait_listening(proc: subprocess.Popen[bytes], log_path: Path, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log_path.read_text(errors="replace").splitlines():
+            if '"msg":"listening"' in line:
+                entry = json.loads(line)
+                return f"http://{entry['host']}:{entry['port']}"
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode}:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    raise TimeoutError(f"worker did not start listening:\n{log_path.read_text()}")
