@@ -53,7 +53,7 @@ ARCHS: dict[str, dict[str, Any]] = {
 KWARG_TEMPLATE_SUFFIX = "{%- if note is defined %}{{- note }}{%- endif %}"
 
 
-def build_model(arch: str, path: Path, seed: int = 0, **overrides: Any) -> Path:
+def build_model(arch: str, path: Path, seed: int = 0, dtype: mx.Dtype = mx.float32, **overrides: Any) -> Path:
     """A random-weight model of `arch` with the demo model's tokenizer, loadable by mlx_lm.load."""
     path.mkdir(parents=True, exist_ok=True)
     tok_config = json.loads((DEMO_MODEL_PATH / "tokenizer_config.json").read_text())
@@ -68,6 +68,7 @@ def build_model(arch: str, path: Path, seed: int = 0, **overrides: Any) -> Path:
     model = module.Model(module.ModelArgs.from_dict(config))
     # Default inits give near-uniform logits; sharper weights give varied, non-trivial text.
     model.update(_scaled(model.parameters(), 4.0))
+    model.set_dtype(dtype)
     mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (path / "config.json").write_text(json.dumps(config))
     return path
@@ -90,15 +91,21 @@ class Worker:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def metric(self, name: str, **labels: str) -> float:
-        """The value of one Prometheus sample (0 when absent)."""
+    @property
+    def model_id(self) -> str:
+        return str(httpx.get(f"{self.url}/v1/models", timeout=10).json()["data"][0]["id"])
+
+    def metric(self, name: str, default: float | None = None, **labels: str) -> float:
+        """The value of one Prometheus sample; `default` if the series does not exist (yet)."""
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        want = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
         for line in text.splitlines():
-            if line.startswith(name + ("{" if labels else " ")):
-                sample, value = line.rsplit(" ", 1)
-                if not labels or all(f'{k}="{v}"' in sample for k, v in labels.items()):
-                    return float(value)
-        return 0.0
+            sample, _, value = line.rpartition(" ")
+            if sample == name + want:
+                return float(value)
+        if default is None:
+            raise KeyError(f"no sample {name}{want} in /metrics")
+        return default
 
 
 @contextmanager

@@ -15,8 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     from mlx_flash import worker
 
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="mlx-flash", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="mlx-flash", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--version", action="version", version=f"mlx-flash {__version__}")
     sub = p.add_subparsers(dest="command")
     for name, help_text in (("serve", "serve the OpenAI API (default)"), ("worker", "run one worker")):

@@ -40,3 +40,8 @@ def is_loopback(host: str) -> bool:
 def env_default(name: str, default: str | None) -> str | None:
     """Flags fall back to MLX_FLASH_<NAME> environment variables."""
     return os.environ.get(f"MLX_FLASH_{name}", default)
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(f"MLX_FLASH_{name}")
+    return int(value) if value else default

@@ -19,15 +19,21 @@ REQUEST_SECONDS = Histogram(
 )
 REQUESTS_IN_FLIGHT = Gauge("mlx_flash_requests_in_flight", "Requests queued or generating", ["model"])
 QUEUE_SECONDS = Histogram(
-    "mlx_flash_queue_time_seconds", "Time from submission to generation start", ["model"],
+    "mlx_flash_queue_time_seconds",
+    "Time from submission to generation start",
+    ["model"],
     buckets=LATENCY_BUCKETS,
 )
 TTFT_SECONDS = Histogram(
-    "mlx_flash_time_to_first_token_seconds", "Time from submission to the first token", ["model"],
+    "mlx_flash_time_to_first_token_seconds",
+    "Time from submission to the first token",
+    ["model"],
     buckets=LATENCY_BUCKETS,
 )
 INTER_TOKEN_SECONDS = Histogram(
-    "mlx_flash_inter_token_latency_seconds", "Time between consecutive tokens", ["model"],
+    "mlx_flash_inter_token_latency_seconds",
+    "Time between consecutive tokens",
+    ["model"],
     buckets=TOKEN_BUCKETS,
 )
 PROMPT_TOKENS = Counter("mlx_flash_prompt_tokens", "Prompt tokens processed", ["model"])

@@ -1,7 +1,7 @@
 """The worker process: a Starlette app under uvicorn that owns one MLX model.
 
-    mlx-flash worker --model demo --host 127.0.0.1 --port 8081
-    python -m mlx_flash.worker --model ./my-model --port 0
+mlx-flash worker --model demo --host 127.0.0.1 --port 8081
+python -m mlx_flash.worker --model ./my-model --port 0
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from mlx_flash.api.errors import (
     RouteNotFound,
     Unauthorized,
 )
-from mlx_flash.config import DEFAULT_MAX_BODY_BYTES, WorkerConfig, env_default
+from mlx_flash.config import DEFAULT_MAX_BODY_BYTES, WorkerConfig, env_default, env_int
 from mlx_flash.engine.engine import Engine
 from mlx_flash.models.loader import load_model
 from mlx_flash.worker_state import WorkerState
@@ -92,8 +92,13 @@ class Observe:
             if route not in ("/health", "/ready", "/metrics"):
                 log.info(
                     "request",
-                    extra={"request_id": request_id, "method": scope["method"], "path": scope["path"],
-                           "status": status, "seconds": round(elapsed, 4)},
+                    extra={
+                        "request_id": request_id,
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "status": status,
+                        "seconds": round(elapsed, 4),
+                    },
                 )
 
     def _authorized(self, headers: dict[str, str]) -> bool:
@@ -178,9 +183,7 @@ def run(config: WorkerConfig) -> int:
     state = WorkerState(config)
     sock = _bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(state), log_config=None, timeout_graceful_shutdown=10)
-    )
+    server = uvicorn.Server(uvicorn.Config(create_app(state), log_config=None, timeout_graceful_shutdown=10))
 
     def load() -> None:
         try:
@@ -200,28 +203,41 @@ def run(config: WorkerConfig) -> int:
 
 
 def add_worker_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=env_default("MODEL", "demo"),
-                   help="'demo' (built in), a local mlx-lm model directory, or a Hugging Face repo id")
+    p.add_argument(
+        "--model",
+        default=env_default("MODEL", "demo"),
+        help="'demo' (built in), a local mlx-lm model directory, or a Hugging Face repo id",
+    )
     p.add_argument("--host", default=env_default("HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(env_default("PORT", "8080")), help="0 picks a free port")
-    p.add_argument("--api-key", default=env_default("API_KEY", None),
-                   help="require this key (Bearer or x-api-key); mandatory off loopback")
-    p.add_argument("--max-body-bytes", type=int,
-                   default=int(env_default("MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES))))
-    p.add_argument("--log-level", default=env_default("LOG_LEVEL", "info"),
-                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--port", type=int, default=env_int("PORT", 8080), help="0 picks a free port")
+    p.add_argument(
+        "--api-key",
+        default=env_default("API_KEY", None),
+        help="require this key (Bearer or x-api-key); mandatory off loopback",
+    )
+    p.add_argument("--max-body-bytes", type=int, default=env_int("MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES))
+    p.add_argument(
+        "--log-level", default=env_default("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
+    )
 
 
 def config_from(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
-        model=args.model, host=args.host, port=args.port, api_key=args.api_key,
-        max_body_bytes=args.max_body_bytes, log_level=args.log_level,
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_body_bytes=args.max_body_bytes,
+        log_level=args.log_level,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mlx_flash.worker", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_flash.worker",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_worker_flags(p)
     args = p.parse_args(argv)
     try:
@@ -229,8 +245,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)  # noqa: T201 - user-facing
         return 2
-
-
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
+
 from helpers import Worker
 
 MSG = [{"role": "user", "content": "Hello there, tell me a story"}]
@@ -23,7 +24,9 @@ def qwen3(workers: dict[str, Worker]) -> Worker:
 
 
 def test_non_stream_has_required_keys_and_usage(qwen3: Worker) -> None:
-    r = client(qwen3).chat.completions.create(model=model_id(qwen3), messages=MSG, max_tokens=8, temperature=0)
+    r = client(qwen3).chat.completions.create(
+        model=model_id(qwen3), messages=MSG, max_tokens=8, temperature=0
+    )
     choice = r.choices[0]
     assert choice.message.role == "assistant" and choice.message.refusal is None
     assert choice.finish_reason in ("stop", "length")
@@ -36,7 +39,10 @@ def test_max_tokens_reached_finishes_with_length(qwen3: Worker) -> None:
     c = client(qwen3)
     eos = 2  # <|im_end|> in the demo tokenizer the tiny models share
     r = c.chat.completions.create(
-        model=model_id(qwen3), messages=MSG, max_completion_tokens=5, temperature=0,
+        model=model_id(qwen3),
+        messages=MSG,
+        max_completion_tokens=5,
+        temperature=0,
         logit_bias={str(eos): -100},
     )
     assert r.choices[0].finish_reason == "length"
@@ -46,10 +52,16 @@ def test_max_tokens_reached_finishes_with_length(qwen3: Worker) -> None:
 def test_stream_equals_non_stream_and_reports_usage(qwen3: Worker) -> None:
     c, m = client(qwen3), model_id(qwen3)
     full = c.chat.completions.create(model=m, messages=MSG, max_tokens=24, temperature=0)
-    chunks = list(c.chat.completions.create(
-        model=m, messages=MSG, max_tokens=24, temperature=0, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        c.chat.completions.create(
+            model=m,
+            messages=MSG,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == full.choices[0].message.content
     assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
@@ -59,20 +71,31 @@ def test_stream_equals_non_stream_and_reports_usage(qwen3: Worker) -> None:
 def test_stop_string_is_honoured_and_excluded(qwen3: Worker) -> None:
     c, m = client(qwen3), model_id(qwen3)
     eos_bias = {"2": -100}
-    full = c.chat.completions.create(model=m, messages=MSG, max_tokens=40, temperature=0,
-                                     logit_bias=eos_bias).choices[0].message.content
+    full = (
+        c.chat.completions.create(model=m, messages=MSG, max_tokens=40, temperature=0, logit_bias=eos_bias)
+        .choices[0]
+        .message.content
+    )
     assert full is not None and len(full) > 12
     stop = full[8:11]  # picked from the model's own greedy output, so it may span tokens
     expected = full[: full.index(stop)]
     for stream in (False, True):
         if stream:
-            chunks = c.chat.completions.create(model=m, messages=MSG, max_tokens=40, temperature=0,
-                                               logit_bias=eos_bias, stop=[stop], stream=True)
+            chunks = c.chat.completions.create(
+                model=m,
+                messages=MSG,
+                max_tokens=40,
+                temperature=0,
+                logit_bias=eos_bias,
+                stop=[stop],
+                stream=True,
+            )
             parts = [(ch.choices[0].delta.content or "", ch.choices[0].finish_reason) for ch in chunks]
             text, finish = "".join(p for p, _ in parts), parts[-1][1]
         else:
-            r = c.chat.completions.create(model=m, messages=MSG, max_tokens=40, temperature=0,
-                                          logit_bias=eos_bias, stop=stop)
+            r = c.chat.completions.create(
+                model=m, messages=MSG, max_tokens=40, temperature=0, logit_bias=eos_bias, stop=stop
+            )
             text, finish = r.choices[0].message.content, r.choices[0].finish_reason
         assert (text, finish) == (expected, "stop")
 
@@ -96,10 +119,19 @@ def test_seed_makes_sampling_reproducible(qwen3: Worker) -> None:
     c, m = client(qwen3), model_id(qwen3)
 
     def sample(seed: int) -> str | None:
-        return c.chat.completions.create(
-            model=m, messages=MSG, max_tokens=16, temperature=1.0, top_p=0.95, seed=seed,
-            extra_body={"top_k": 50, "min_p": 0.01},
-        ).choices[0].message.content
+        return (
+            c.chat.completions.create(
+                model=m,
+                messages=MSG,
+                max_tokens=16,
+                temperature=1.0,
+                top_p=0.95,
+                seed=seed,
+                extra_body={"top_k": 50, "min_p": 0.01},
+            )
+            .choices[0]
+            .message.content
+        )
 
     assert sample(1) == sample(1)
     assert len({sample(s) for s in range(2, 6)}) > 1
@@ -109,8 +141,11 @@ def test_penalties_change_greedy_output(qwen3: Worker) -> None:
     c, m = client(qwen3), model_id(qwen3)
     base = dict(model=m, messages=MSG, max_tokens=32, temperature=0, logit_bias={"2": -100})
     plain = c.chat.completions.create(**base).choices[0].message.content  # type: ignore[call-overload]
-    for extra in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0},
-                  {"extra_body": {"repetition_penalty": 1.8}}):
+    for extra in (
+        {"frequency_penalty": 2.0},
+        {"presence_penalty": 2.0},
+        {"extra_body": {"repetition_penalty": 1.8}},
+    ):
         out = c.chat.completions.create(**base, **extra).choices[0].message.content  # type: ignore[call-overload]
         assert out != plain, extra
 
@@ -118,17 +153,22 @@ def test_penalties_change_greedy_output(qwen3: Worker) -> None:
 def test_chat_template_kwargs_reach_the_template(qwen3: Worker) -> None:
     c, m = client(qwen3), model_id(qwen3)
     plain = c.chat.completions.create(model=m, messages=MSG, max_tokens=1)
-    noted = c.chat.completions.create(model=m, messages=MSG, max_tokens=1,
-                                      extra_body={"chat_template_kwargs": {"note": "a b c d e f"}})
+    noted = c.chat.completions.create(
+        model=m, messages=MSG, max_tokens=1, extra_body={"chat_template_kwargs": {"note": "a b c d e f"}}
+    )
     assert plain.usage is not None and noted.usage is not None
     assert noted.usage.prompt_tokens > plain.usage.prompt_tokens
 
 
 def test_content_parts_and_system_messages_are_accepted(demo_worker: Worker) -> None:
     r = client(demo_worker).chat.completions.create(
-        model="demo", temperature=0, max_tokens=8,
-        messages=[{"role": "developer", "content": "Answer briefly."},
-                  {"role": "user", "content": [{"type": "text", "text": "What is 2+3?"}]}],
+        model="demo",
+        temperature=0,
+        max_tokens=8,
+        messages=[
+            {"role": "developer", "content": "Answer briefly."},
+            {"role": "user", "content": [{"type": "text", "text": "What is 2+3?"}]},
+        ],
     )
     assert r.choices[0].message.content == "5"
 

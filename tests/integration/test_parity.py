@@ -6,8 +6,9 @@ from pathlib import Path
 
 import openai
 import pytest
-from helpers import Worker
 from mlx_lm import generate, load
+
+from helpers import Worker
 
 PROMPTS = ["Hello there, what is", "What is 12+7?", '{"key": [1, 2', "café 東京 🙂 and"]
 MAX_TOKENS = 40
@@ -21,8 +22,9 @@ def test_greedy_completions_match_mlx_lm_generate(
     c = openai.OpenAI(base_url=f"{workers[arch].url}/v1", api_key="unused", max_retries=0)
     for prompt in PROMPTS:
         expected = generate(model, tokenizer, prompt, max_tokens=MAX_TOKENS)
-        got = c.completions.create(model=str(model_path[arch]), prompt=prompt, max_tokens=MAX_TOKENS,
-                                   temperature=0)
+        got = c.completions.create(
+            model=str(model_path[arch]), prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
+        )
         assert got.choices[0].text == expected, prompt
 
 
@@ -36,8 +38,13 @@ def test_greedy_chat_matches_mlx_lm_generate(
         messages = [{"role": "user", "content": prompt}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         expected = generate(model, tokenizer, ids, max_tokens=MAX_TOKENS)
-        stream = c.chat.completions.create(model=arch, messages=messages,  # type: ignore[arg-type]
-                                           max_tokens=MAX_TOKENS, temperature=0, stream=True)
+        stream = c.chat.completions.create(
+            model=arch,
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
+        )
         got = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
         assert got == expected, prompt
 
@@ -51,6 +58,10 @@ def test_demo_model_greedy_matches_mlx_lm_generate(demo_worker: Worker) -> None:
         messages = [{"role": "user", "content": text}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         expected = generate(model, tokenizer, ids, max_tokens=64)
-        got = c.chat.completions.create(model="demo", messages=messages,  # type: ignore[arg-type]
-                                        max_tokens=64, temperature=0)
+        got = c.chat.completions.create(
+            model="demo",
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=64,
+            temperature=0,
+        )
         assert got.choices[0].message.content == expected

@@ -52,7 +52,9 @@ class Fields:
         if isinstance(value, bool) or not isinstance(value, int):
             raise self._fail(key, "must be an integer")
         if lo is not None and value < lo:
-            raise self._fail(key, f"must be at least {lo}" if hi is None else f"must be between {lo} and {hi}")
+            raise self._fail(
+                key, f"must be at least {lo}" if hi is None else f"must be between {lo} and {hi}"
+            )
         if hi is not None and value > hi:
             raise self._fail(key, f"must be at most {hi}" if lo is None else f"must be between {lo} and {hi}")
         return value

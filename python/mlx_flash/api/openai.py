@@ -162,7 +162,7 @@ def _content(value: Any, where: str, *, optional: bool) -> str:
 
 def reject_unsupported(f: Fields) -> None:
     if f.body.get("tools"):
-        raise InvalidRequest("tool calling is not supported by this server yet", param="tools")
+        raise InvalidRequest("tools: tool calling is not supported by this server yet", param="tools")
     fmt = f.obj("response_format")
     if fmt is not None and fmt.get("type") != "text":
         raise InvalidRequest(
@@ -269,9 +269,7 @@ async def chat_completions(request: Request) -> Response:
     tokenizer = engine.loaded.tokenizer
     prompt = await run_in_threadpool(encode_chat, tokenizer, messages, kwargs)
     max_tokens = budget(engine, len(prompt), common.max_tokens, "messages")
-    handle = engine.submit(
-        GenerationRequest(prompt, max_tokens, common.sampling, common.stop, logprobs, top)
-    )
+    handle = engine.submit(GenerationRequest(prompt, max_tokens, common.sampling, common.stop, logprobs, top))
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), engine.loaded.id
 
     if not common.stream:
@@ -283,13 +281,22 @@ async def chat_completions(request: Request) -> Response:
             "finish_reason": fin.reason,
         }
         return JSONResponse(
-            {"id": rid, "object": "chat.completion", "created": created, "model": model,
-             "choices": [choice], "usage": usage(fin)}
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [choice],
+                "usage": usage(fin),
+            }
         )
 
     def chunk(delta: dict[str, Any], lps: Any = None, finish: str | None = None) -> bytes:
         out: dict[str, Any] = {
-            "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
             "choices": [{"index": 0, "delta": delta, "logprobs": lps, "finish_reason": finish}],
         }
         if common.include_usage:
@@ -305,8 +312,16 @@ async def chat_completions(request: Request) -> Response:
             elif isinstance(ev, Finished):
                 yield chunk({}, None, ev.reason)
                 if common.include_usage:
-                    yield sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                               "model": model, "choices": [], "usage": usage(ev)})
+                    yield sse(
+                        {
+                            "id": rid,
+                            "object": "chat.completion.chunk",
+                            "created": created,
+                            "model": model,
+                            "choices": [],
+                            "usage": usage(ev),
+                        }
+                    )
             else:
                 yield stream_error()
                 return
@@ -354,13 +369,22 @@ async def completions(request: Request) -> Response:
         text, items, fin = await collect(handle, request)
         choice = {"text": text, "index": 0, "logprobs": logprobs_obj(items, 0), "finish_reason": fin.reason}
         return JSONResponse(
-            {"id": rid, "object": "text_completion", "created": created, "model": model,
-             "choices": [choice], "usage": usage(fin)}
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [choice],
+                "usage": usage(fin),
+            }
         )
 
     def chunk(text: str, lps: Any = None, finish: str | None = None) -> bytes:
         out: dict[str, Any] = {
-            "id": rid, "object": "text_completion", "created": created, "model": model,
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
             "choices": [{"text": text, "index": 0, "logprobs": lps, "finish_reason": finish}],
         }
         if common.include_usage:
@@ -376,8 +400,16 @@ async def completions(request: Request) -> Response:
             elif isinstance(ev, Finished):
                 yield chunk("", None, ev.reason)
                 if common.include_usage:
-                    yield sse({"id": rid, "object": "text_completion", "created": created,
-                               "model": model, "choices": [], "usage": usage(ev)})
+                    yield sse(
+                        {
+                            "id": rid,
+                            "object": "text_completion",
+                            "created": created,
+                            "model": model,
+                            "choices": [],
+                            "usage": usage(ev),
+                        }
+                    )
             else:
                 yield stream_error()
                 return
@@ -393,8 +425,10 @@ def _completion_prompt(engine: Engine, prompt: Any) -> list[int]:
         if not prompt:
             raise InvalidRequest("prompt must not be empty", param="prompt")
         return encode_text(engine.loaded.tokenizer, prompt)
-    if isinstance(prompt, list) and prompt and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in prompt
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     ):
         if not all(0 <= t < engine.vocab_size for t in prompt):
             raise InvalidRequest("prompt holds token ids outside this model's vocabulary", "prompt")
@@ -406,8 +440,13 @@ def _completion_prompt(engine: Engine, prompt: Any) -> list[int]:
 
 def _model_card(engine: Engine) -> dict[str, Any]:
     loaded = engine.loaded
-    return {"id": loaded.id, "object": "model", "created": loaded.created, "owned_by": "mlx-flash",
-            "context_length": loaded.context_length}
+    return {
+        "id": loaded.id,
+        "object": "model",
+        "created": loaded.created,
+        "owned_by": "mlx-flash",
+        "context_length": loaded.context_length,
+    }
 
 
 async def list_models(request: Request) -> Response:

@@ -38,7 +38,7 @@ CHAT_TEMPLATE = (
     "{%- for tool_call in message.tool_calls %}"
     "{%- if tool_call.function %}{%- set tool_call = tool_call.function %}{%- endif %}"
     "{%- if not loop.first or message.content %}{{- '\\n' }}{%- endif %}"
-    "{{- '<tool_call>\\n{\"name\": \"' + tool_call.name + '\", \"arguments\": ' }}"
+    '{{- \'<tool_call>\\n{"name": "\' + tool_call.name + \'", "arguments": \' }}'
     "{%- if tool_call.arguments is string %}{{- tool_call.arguments }}"
     "{%- else %}{{- tool_call.arguments | tojson }}{%- endif %}"
     "{{- '}\\n</tool_call>' }}"
@@ -139,9 +139,7 @@ def _with_system(rng: random.Random, messages: list[Message]) -> list[Message]:
 
 def sample_conversation(rng: random.Random) -> tuple[str, list[Message], list[Tool] | None]:
     """One synthetic conversation: (task name, messages, tools or None)."""
-    task = rng.choices(
-        ["add", "json", "echo", "greet", "tool"], weights=[60, 8, 16, 4, 12], k=1
-    )[0]
+    task = rng.choices(["add", "json", "echo", "greet", "tool"], weights=[60, 8, 16, 4, 12], k=1)[0]
     if task == "add":
         a, b = _training_pair(rng)
         # The tested phrasing gets half the samples; the rest teach robustness.

@@ -206,7 +206,9 @@ class DemoMoe(nn.Module):
 # ---------------------------------------------------------------- data and training
 
 
-def encode_example(tok: Tokenizer, msgs: list[data.Message], tools: list[data.Tool] | None) -> tuple[list[int], list[bool]]:
+def encode_example(
+    tok: Tokenizer, msgs: list[data.Message], tools: list[data.Tool] | None
+) -> tuple[list[int], list[bool]]:
     """Token ids of the conversation and, per token, whether it is assistant output to learn."""
     text = data.render(msgs, tools)
     spans = []
@@ -322,8 +324,11 @@ def main() -> None:
         opt.step()
         sched.step()
         if step % 25 == 0:
-            print(f"step {step} loss {loss.item():.4f} aux {model.aux_loss().item():.3f} "
-                  f"{(time.time() - t0) / step:.3f}s/step", flush=True)
+            print(
+                f"step {step} loss {loss.item():.4f} aux {model.aux_loss().item():.3f} "
+                f"{(time.time() - t0) / step:.3f}s/step",
+                flush=True,
+            )
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             acc = held_out_accuracy(model, tok, eos, 100, args.seed)

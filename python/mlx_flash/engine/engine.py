@@ -22,8 +22,8 @@ from mlx_flash.engine.logprobs import TokenBytes, token_logprob
 from mlx_flash.engine.request import (
     Event,
     Failed,
-    FinishReason,
     Finished,
+    FinishReason,
     GenerationRequest,
     TextDelta,
     TokenLogprob,

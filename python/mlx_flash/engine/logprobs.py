@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 
@@ -67,18 +67,15 @@ def token_logprob(
         ids = mx.argpartition(-logprobs, kth=top_n - 1)[:top_n]
         values = logprobs[ids]
         order = mx.argsort(-values)
-        ranked = zip(ids[order].tolist(), values[order].tolist(), strict=True)
+        ranked_ids = cast("list[int]", ids[order].tolist())
+        ranked_values = cast("list[float]", values[order].tolist())
         top = tuple(
-            TopLogprob(
-                token=token_bytes(int(i)).decode(errors="replace"),
-                logprob=float(v),
-                bytes=list(token_bytes(int(i))),
-            )
-            for i, v in ranked
+            TopLogprob(token=token_bytes(i).decode(errors="replace"), logprob=v, bytes=list(token_bytes(i)))
+            for i, v in zip(ranked_ids, ranked_values, strict=True)
         )
     return TokenLogprob(
         token=text,
-        logprob=float(logprobs[token_id].item()),
+        logprob=cast(float, logprobs[token_id].item()),
         bytes=list(token_bytes(token_id)),
         top=top,
     )

@@ -19,7 +19,7 @@ def encode_chat(
             param="messages",
         )
     try:
-        ids = tokenizer.apply_chat_template(
+        ids = tokenizer.apply_chat_template(  # type: ignore[no-untyped-call]
             messages, add_generation_prompt=True, tokenize=True, **template_kwargs
         )
     except jinja2.TemplateError as e:  # the template's own raise_exception(), or a type error in it

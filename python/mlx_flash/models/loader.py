@@ -6,10 +6,8 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load
@@ -27,7 +25,7 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.py", "*.model", "*.tiktoken", "*.t
 class LoadedModel:
     id: str
     path: Path
-    model: nn.Module
+    model: Any  # an mlx.nn.Module of the mlx-lm architecture
     tokenizer: TokenizerWrapper
     config: dict[str, Any]
     context_length: int
@@ -67,8 +65,11 @@ def load_model(name: str) -> LoadedModel:
     start = time.perf_counter()
     path = resolve(name)
     log.info("loading model", extra={"model": name, "path": str(path)})
-    model, tokenizer, config = load(str(path), return_config=True)
-    weight_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()) if isinstance(v, mx.array))
+    model, tokenizer, config = cast(
+        tuple[Any, TokenizerWrapper, dict[str, Any]], load(str(path), return_config=True)
+    )
+    leaves = cast(list[tuple[str, Any]], tree_flatten(model.parameters()))
+    weight_bytes = sum(int(array.nbytes) for _, array in leaves)
     loaded = LoadedModel(
         id=name,
         path=path,

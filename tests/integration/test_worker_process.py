@@ -1,0 +1,104 @@
+"""The worker as a process: safe defaults, auth, readiness, metrics, and real internal failures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import mlx.core as mx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from helpers import Worker, build_model, run_worker
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_flash", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_refuses_to_listen_off_loopback_without_an_api_key() -> None:
+    r = run_cli("worker", "--host", "0.0.0.0", "--port", "0")
+    assert r.returncode == 2
+    assert "without an API key" in r.stderr
+
+
+def test_missing_model_directory_exits_with_a_clear_error(tmp_path: Path) -> None:
+    r = run_cli("worker", "--model", str(tmp_path / "nope"), "--port", "0")
+    assert r.returncode == 1
+    assert "model directory not found" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def keyed_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    with run_worker("demo", tmp_path_factory.mktemp("logs") / "keyed.log", "--api-key", "s3cret") as w:
+        yield w
+
+
+def test_api_key_is_required_when_set(keyed_worker: Worker) -> None:
+    url = keyed_worker.url
+    r = httpx.get(f"{url}/v1/models", timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert (
+        httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=10).status_code
+        == 401
+    )
+    assert httpx.get(f"{url}/v1/models", headers={"x-api-key": "s3cret"}, timeout=10).status_code == 200
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # liveness needs no key
+    c = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
+    assert c.models.list().data[0].id == "demo"
+    assert "s3cret" not in keyed_worker.log()
+
+
+def test_health_ready_and_metrics(demo_worker: Worker) -> None:
+    url = demo_worker.url
+    assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+    assert httpx.get(f"{url}/ready", timeout=10).json() == {"status": "ready", "models": ["demo"]}
+    c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in (
+        "mlx_flash_time_to_first_token_seconds",
+        "mlx_flash_inter_token_latency_seconds",
+        "mlx_flash_request_duration_seconds",
+        "mlx_flash_queue_time_seconds",
+    ):
+        assert families[name].type == "histogram"
+    assert families["mlx_flash_memory_available_bytes"].samples[0].value > 0
+    routes = {s.labels["route"] for s in families["mlx_flash_requests"].samples}
+    assert "/chat/completions" in routes and not any("demo" in r for r in routes)
+    assert demo_worker.metric("mlx_flash_generation_tokens_total", model="demo") > 0
+
+
+@pytest.fixture(scope="module")
+def broken_worker(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    """bf16 MoE: loads, but MLX's CPU gather_mm supports only float32, so generation really fails."""
+    path = build_model("qwen3_moe", models_dir / "moe-bf16", dtype=mx.bfloat16)
+    with run_worker(str(path), tmp_path_factory.mktemp("logs") / "bf16.log") as worker:
+        yield worker
+
+
+def test_internal_failure_is_500_without_retry_or_traceback(broken_worker: Worker) -> None:
+    body = {"model": "moe-bf16", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    r = httpx.post(f"{broken_worker.url}/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 500
+    assert r.headers["x-should-retry"] == "false"
+    assert r.json()["error"]["type"] == "server_error"
+    assert "Traceback" not in r.text and "gather" not in r.text.lower()
+    assert "GatherMM" in broken_worker.log()  # the detail is logged for the operator
+
+
+def test_failure_after_200_ends_the_stream_with_an_error_event(broken_worker: Worker) -> None:
+    c = openai.OpenAI(base_url=f"{broken_worker.url}/v1", api_key="x", max_retries=0)
+    stream = c.chat.completions.create(
+        model="moe-bf16", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+    )
+    with pytest.raises(openai.APIError):
+        list(stream)
+    assert httpx.get(f"{broken_worker.url}/health", timeout=10).status_code == 200
