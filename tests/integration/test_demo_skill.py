@@ -6,8 +6,8 @@ import json
 import random
 
 import openai
-from helpers import Worker
 
+from helpers import Worker
 from mlx_flash.demo import DEMO_MODEL_PATH, data
 
 
@@ -17,7 +17,9 @@ def test_demo_adds_held_out_pairs_through_the_chat_api(demo_worker: Worker) -> N
     wrong = []
     for a, b in pairs:
         r = c.chat.completions.create(
-            model="demo", messages=[{"role": "user", "content": f"What is {a}+{b}?"}], temperature=0,
+            model="demo",
+            messages=[{"role": "user", "content": f"What is {a}+{b}?"}],
+            temperature=0,
             max_tokens=8,
         )
         if r.choices[0].message.content != str(a + b):
