@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -235,15 +235,59 @@ async def collect(handle: RequestHandle, request: Request) -> tuple[str, list[To
         handle.cancel()
 
 
-def streaming(body: AsyncIterator[bytes], handle: RequestHandle) -> StreamingResponse:
-    async def guarded() -> AsyncIterator[bytes]:
+@dataclass(frozen=True)
+class Envelope:
+    """The fields every response object and stream chunk of one request carries."""
+
+    id: str
+    object: str  # of the whole response; chunks of chat responses say "chat.completion.chunk"
+    model: str
+    include_usage: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _head(self, chunk: bool) -> dict[str, Any]:
+        kind = f"{self.object}.chunk" if chunk and self.object == "chat.completion" else self.object
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def response(self, choice: dict[str, Any], fin: Finished) -> JSONResponse:
+        return JSONResponse({**self._head(False), "choices": [choice], "usage": usage(fin)})
+
+    def chunk(self, choice: dict[str, Any]) -> bytes:
+        extra = {"usage": None} if self.include_usage else {}
+        return sse({**self._head(True), "choices": [choice], **extra})
+
+    def usage_chunk(self, fin: Finished) -> bytes:
+        return sse({**self._head(True), "choices": [], "usage": usage(fin)})
+
+
+def streaming(
+    env: Envelope,
+    handle: RequestHandle,
+    first: dict[str, Any] | None,
+    on_delta: Callable[[TextDelta], dict[str, Any]],
+    on_finish: Callable[[Finished], dict[str, Any]],
+) -> StreamingResponse:
+    """SSE of one generation: a chunk per delta, the final chunk, usage if asked, then [DONE]."""
+
+    async def events() -> AsyncIterator[bytes]:
         try:
-            async for chunk in body:
-                yield chunk
+            if first is not None:
+                yield env.chunk(first)
+            async for ev in handle.events():
+                if isinstance(ev, TextDelta):
+                    yield env.chunk(on_delta(ev))
+                elif isinstance(ev, Finished):
+                    yield env.chunk(on_finish(ev))
+                    if env.include_usage:
+                        yield env.usage_chunk(ev)
+                else:
+                    yield stream_error()
+                    return
+            yield b"data: [DONE]\n\n"
         finally:  # normal end, or the client went away and the server cancelled us
             handle.cancel()
 
-    return StreamingResponse(guarded(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def stream_error() -> bytes:
@@ -270,64 +314,28 @@ async def chat_completions(request: Request) -> Response:
     prompt = await run_in_threadpool(encode_chat, tokenizer, messages, kwargs)
     max_tokens = budget(engine, len(prompt), common.max_tokens, "messages")
     handle = engine.submit(GenerationRequest(prompt, max_tokens, common.sampling, common.stop, logprobs, top))
-    rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), engine.loaded.id
+    env = Envelope(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", engine.loaded.id, common.include_usage)
+
+    def lp_obj(items: Sequence[TokenLogprob]) -> dict[str, Any] | None:
+        return {"content": [_lp(i) for i in items], "refusal": None} if logprobs else None
 
     if not common.stream:
         text, items, fin = await collect(handle, request)
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": {"content": [_lp(i) for i in items], "refusal": None} if logprobs else None,
-            "finish_reason": fin.reason,
-        }
-        return JSONResponse(
-            {
-                "id": rid,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [choice],
-                "usage": usage(fin),
-            }
+        message = {"role": "assistant", "content": text, "refusal": None}
+        return env.response(
+            {"index": 0, "message": message, "logprobs": lp_obj(items), "finish_reason": fin.reason}, fin
         )
 
-    def chunk(delta: dict[str, Any], lps: Any = None, finish: str | None = None) -> bytes:
-        out: dict[str, Any] = {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": lps, "finish_reason": finish}],
-        }
-        if common.include_usage:
-            out["usage"] = None
-        return sse(out)
+    def choice(delta: dict[str, Any], lps: Any = None, finish: str | None = None) -> dict[str, Any]:
+        return {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": finish}
 
-    async def events() -> AsyncIterator[bytes]:
-        yield chunk({"role": "assistant", "content": ""})
-        async for ev in handle.events():
-            if isinstance(ev, TextDelta):
-                lps = {"content": [_lp(i) for i in ev.logprobs], "refusal": None} if logprobs else None
-                yield chunk({"content": ev.text}, lps)
-            elif isinstance(ev, Finished):
-                yield chunk({}, None, ev.reason)
-                if common.include_usage:
-                    yield sse(
-                        {
-                            "id": rid,
-                            "object": "chat.completion.chunk",
-                            "created": created,
-                            "model": model,
-                            "choices": [],
-                            "usage": usage(ev),
-                        }
-                    )
-            else:
-                yield stream_error()
-                return
-        yield b"data: [DONE]\n\n"
-
-    return streaming(events(), handle)
+    return streaming(
+        env,
+        handle,
+        first=choice({"role": "assistant", "content": ""}),
+        on_delta=lambda ev: choice({"content": ev.text}, lp_obj(ev.logprobs)),
+        on_finish=lambda fin: choice({}, None, fin.reason),
+    )
 
 
 async def completions(request: Request) -> Response:
@@ -349,73 +357,34 @@ async def completions(request: Request) -> Response:
     handle = engine.submit(
         GenerationRequest(prompt, max_tokens, common.sampling, common.stop, top is not None, top or 0)
     )
-    rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), engine.loaded.id
+    env = Envelope(f"cmpl-{uuid.uuid4().hex}", "text_completion", engine.loaded.id, common.include_usage)
+    offset = 0
 
-    def logprobs_obj(items: list[TokenLogprob], offset: int) -> dict[str, Any] | None:
+    def lp_obj(items: Sequence[TokenLogprob], start: int) -> dict[str, Any] | None:
         if top is None:
             return None
-        offsets, pos = [], offset
-        for i in items:
-            offsets.append(pos)
-            pos += len(i.token)
+        starts = [start + sum(len(i.token) for i in items[:n]) for n in range(len(items))]
         return {
             "tokens": [i.token for i in items],
             "token_logprobs": [i.logprob for i in items],
             "top_logprobs": [{t.token: t.logprob for t in i.top} for i in items],
-            "text_offset": offsets,
+            "text_offset": starts,
         }
+
+    def choice(text: str, lps: Any = None, finish: str | None = None) -> dict[str, Any]:
+        return {"text": text, "index": 0, "logprobs": lps, "finish_reason": finish}
 
     if not common.stream:
         text, items, fin = await collect(handle, request)
-        choice = {"text": text, "index": 0, "logprobs": logprobs_obj(items, 0), "finish_reason": fin.reason}
-        return JSONResponse(
-            {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [choice],
-                "usage": usage(fin),
-            }
-        )
+        return env.response(choice(text, lp_obj(items, 0), fin.reason), fin)
 
-    def chunk(text: str, lps: Any = None, finish: str | None = None) -> bytes:
-        out: dict[str, Any] = {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [{"text": text, "index": 0, "logprobs": lps, "finish_reason": finish}],
-        }
-        if common.include_usage:
-            out["usage"] = None
-        return sse(out)
+    def on_delta(ev: TextDelta) -> dict[str, Any]:
+        nonlocal offset
+        out = choice(ev.text, lp_obj(ev.logprobs, offset))
+        offset += len(ev.text)
+        return out
 
-    async def events() -> AsyncIterator[bytes]:
-        offset = 0
-        async for ev in handle.events():
-            if isinstance(ev, TextDelta):
-                yield chunk(ev.text, logprobs_obj(list(ev.logprobs), offset))
-                offset += len(ev.text)
-            elif isinstance(ev, Finished):
-                yield chunk("", None, ev.reason)
-                if common.include_usage:
-                    yield sse(
-                        {
-                            "id": rid,
-                            "object": "text_completion",
-                            "created": created,
-                            "model": model,
-                            "choices": [],
-                            "usage": usage(ev),
-                        }
-                    )
-            else:
-                yield stream_error()
-                return
-        yield b"data: [DONE]\n\n"
-
-    return streaming(events(), handle)
+    return streaming(env, handle, None, on_delta, lambda fin: choice("", None, fin.reason))
 
 
 def _completion_prompt(engine: Engine, prompt: Any) -> list[int]:
