@@ -117,6 +117,8 @@ class Engine:
             frequency_context_size=PENALTY_CONTEXT,
         )
         metrics.QUEUE_SECONDS.labels(model=model_id).observe(time.perf_counter() - handle.submitted)
+        metrics.PROMPT_TOKENS.labels(model=model_id).inc(len(req.prompt_tokens))
+        generated = metrics.GENERATION_TOKENS.labels(model=model_id)
         matcher: StopMatcher[TokenLogprob | None] = StopMatcher(req.stop)
         reason: FinishReason = "length"
         completion = 0
@@ -141,6 +143,7 @@ class Engine:
             item = None
             if resp.finish_reason != "stop":  # "stop" here means EOS, which is not output
                 completion += 1
+                generated.inc()
                 if req.logprobs:
                     item = token_logprob(
                         resp.logprobs, resp.token, resp.text, req.top_logprobs, self._token_bytes
@@ -155,8 +158,6 @@ class Engine:
         else:
             _emit(handle, matcher.flush())
         responses.close()
-        metrics.PROMPT_TOKENS.labels(model=model_id).inc(len(req.prompt_tokens))
-        metrics.GENERATION_TOKENS.labels(model=model_id).inc(completion)
         handle.emit(Finished(reason, len(req.prompt_tokens), completion))
 
 
