@@ -1,7 +1,7 @@
 """Single-stream decode speed and time to first token: the worker's HTTP API against in-process mlx-lm.
 
-    /work/venv-dev/bin/python bench/single_stream.py                  # both models, defaults (~3 min)
-    /work/venv-dev/bin/python bench/single_stream.py --models demo --pairs 8 --max-tokens 256
+    python bench/single_stream.py                  # both models, defaults (~3 min)
+    python bench/single_stream.py --models demo --pairs 8 --max-tokens 256
 
 For each model, the same weights are loaded twice: in this process (the engine ceiling,
 `mlx_lm.stream_generate`) and in a real worker process (`python -m mlx_flash.worker`, streaming
@@ -29,6 +29,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import random
 import shlex
 import shutil
 import statistics
@@ -75,30 +76,59 @@ class Run:
     total_s: float
     text: str
     prompt_tokens: int
+    cpu_s: float | None  # CPU time of the process that generated (this one, or the worker)
+    client_cpu_s: float | None = None  # server runs: CPU time of this process reading the stream
 
     def sample(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "ttft_s": round(self.ttft_s, 6),
             "decode_tok_s": round(self.decode_tok_s, 3),
             "tokens": self.tokens,
             "total_s": round(self.total_s, 6),
+            "cpu_s": None if self.cpu_s is None else round(self.cpu_s, 3),
         }
+        if self.client_cpu_s is not None:
+            out["client_cpu_s"] = round(self.client_cpu_s, 3)
+        return out
 
 
-def timed_run(
-    start: float,
-    end: float,
-    first: float | None,
-    last: float | None,
-    tokens: int,
-    texts: list[str],
-    prompt_tokens: int,
-) -> Run:
-    if first is None or last is None or tokens < 2 or last <= first:
-        raise RuntimeError(f"too little output to time: {tokens} tokens, text {''.join(texts)!r}")
-    return Run(
-        first - start, (tokens - 1) / (last - first), tokens, end - start, "".join(texts), prompt_tokens
-    )
+class Clock:
+    """Timestamps of the text-bearing events of one generation."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.last: float | None = None
+        self.texts: list[str] = []
+
+    def text(self, text: str, now: float) -> None:
+        if text:
+            self.texts.append(text)
+            self.first = now if self.first is None else self.first
+            self.last = now
+
+    def run(self, tokens: int, prompt_tokens: int, cpu_s: float | None) -> Run:
+        end = time.perf_counter()
+        if self.first is None or self.last is None or tokens < 2 or self.last <= self.first:
+            raise RuntimeError(f"too little output to time: {tokens} tokens, text {''.join(self.texts)!r}")
+        return Run(
+            ttft_s=self.first - self.start,
+            decode_tok_s=(tokens - 1) / (self.last - self.first),
+            tokens=tokens,
+            total_s=end - self.start,
+            text="".join(self.texts),
+            prompt_tokens=prompt_tokens,
+            cpu_s=cpu_s,
+        )
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU time of a process, all threads (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def encode(tokenizer: Any, prompt: str) -> list[int]:
@@ -110,33 +140,25 @@ def encode(tokenizer: Any, prompt: str) -> list[int]:
 
 
 def run_in_process(model: Any, tokenizer: Any, ids: list[int], max_tokens: int, eos_ids: list[int]) -> Run:
-    texts: list[str] = []
-    first: float | None = None
-    last: float | None = None
     tokens = 0
-    start = time.perf_counter()
+    cpu = time.process_time()
+    clock = Clock()
     # Built inside the timed region, as the worker builds them per request.
     sampler = make_sampler(temp=0.0)
     processors = make_logits_processors(logit_bias={e: EOS_BIAS for e in eos_ids})
     for resp in stream_generate(
         model, tokenizer, mx.array(ids), max_tokens=max_tokens, sampler=sampler, logits_processors=processors
     ):
-        now = time.perf_counter()
+        clock.text(resp.text, time.perf_counter())
         tokens += 1
-        if resp.text:
-            texts.append(resp.text)
-            first = now if first is None else first
-            last = now
-    end = time.perf_counter()
-    return timed_run(start, end, first, last, tokens, texts, len(ids))
+    return clock.run(tokens, len(ids), time.process_time() - cpu)
 
 
-def run_server(client: httpx.Client, url: str, body: bytes) -> Run:
-    texts: list[str] = []
-    first: float | None = None
-    last: float | None = None
+def run_server(client: httpx.Client, url: str, pid: int, body: bytes) -> Run:
     usage: dict[str, Any] | None = None
-    start = time.perf_counter()
+    server_cpu = process_cpu_s(pid)
+    cpu = time.process_time()
+    clock = Clock()
     with client.stream(
         "POST", f"{url}/v1/completions", content=body, headers={"content-type": "application/json"}
     ) as r:
@@ -155,24 +177,22 @@ def run_server(client: httpx.Client, url: str, body: bytes) -> Run:
             if chunk.get("usage"):
                 usage = chunk["usage"]
             for choice in chunk.get("choices", []):
-                if choice.get("text"):
-                    texts.append(choice["text"])
-                    first = now if first is None else first
-                    last = now
-    end = time.perf_counter()
+                clock.text(choice.get("text") or "", now)
     if usage is None:
         raise RuntimeError("the stream ended without a usage chunk")
-    return timed_run(
-        start, end, first, last, int(usage["completion_tokens"]), texts, int(usage["prompt_tokens"])
-    )
+    server_cpu_after = process_cpu_s(pid)
+    cpu_s = None if server_cpu is None or server_cpu_after is None else server_cpu_after - server_cpu
+    run = clock.run(int(usage["completion_tokens"]), int(usage["prompt_tokens"]), cpu_s)
+    run.client_cpu_s = time.process_time() - cpu
+    return run
 
 
 # ---------------------------------------------------------------- the worker process
 
 
 @contextlib.contextmanager
-def worker(model_arg: str, log_path: Path, timeout: float) -> Iterator[str]:
-    """A real worker on a free port; yields its URL once /ready says 200; always stops it."""
+def worker(model_arg: str, log_path: Path, timeout: float) -> Iterator[tuple[str, int]]:
+    """A real worker on a free port; yields its URL and pid once /ready says 200; always stops it."""
     cmd = [
         sys.executable,
         "-m",
@@ -200,7 +220,7 @@ def worker(model_arg: str, log_path: Path, timeout: float) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"worker not ready after {timeout}s:\n{_tail(log_path)}")
             time.sleep(0.1)
-        yield url
+        yield url, proc.pid
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -272,7 +292,7 @@ def build_dense(path: Path, args: argparse.Namespace) -> ModelSpec:
     mx.eval(model.parameters())
     save_model(path, model)
     save_config(config, path / "config.json")
-    name = f"dense qwen3 h{args.dense_hidden} x{args.dense_layers}L {args.dense_dtype}"
+    name = f"dense h{args.dense_hidden}x{args.dense_layers}L"
     return ModelSpec(name, str(path), path, {"weights": f"random (default init x4), seed {args.seed}"})
 
 
@@ -325,7 +345,10 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, workdir: Path) -> dic
     sv_runs: list[Run] = []
     warm: list[tuple[str, Run]] = []
     print(f"   starting worker --model {spec.model_arg}", flush=True)
-    with worker(spec.model_arg, log_path, args.startup_timeout) as url, httpx.Client(timeout=600) as client:
+    with (
+        worker(spec.model_arg, log_path, args.startup_timeout) as (url, pid),
+        httpx.Client(timeout=600) as client,
+    ):
         if file_digest(spec.path) != digest:
             raise RuntimeError(f"{spec.path} changed while loading; rerun for a consistent comparison")
         model_id = client.get(f"{url}/v1/models").json()["data"][0]["id"]
@@ -342,11 +365,15 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, workdir: Path) -> dic
         ).encode()
         for i in range(args.warmup):
             warm.append(("in_process", run_in_process(model, tokenizer, ids, args.max_tokens, eos_ids)))
-            warm.append(("server", run_server(client, url, payload)))
+            warm.append(("server", run_server(client, url, pid, payload)))
             print(f"   warm-up {i + 1}/{args.warmup} done", flush=True)
         for i in range(args.pairs):
-            a = run_in_process(model, tokenizer, ids, args.max_tokens, eos_ids)
-            b = run_server(client, url, payload)
+            if args.order == "abba" and i % 2:  # B first in odd pairs: cancels drift and order effects
+                b = run_server(client, url, pid, payload)
+                a = run_in_process(model, tokenizer, ids, args.max_tokens, eos_ids)
+            else:
+                a = run_in_process(model, tokenizer, ids, args.max_tokens, eos_ids)
+                b = run_server(client, url, pid, payload)
             ip_runs.append(a)
             sv_runs.append(b)
             print(
@@ -394,7 +421,15 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, workdir: Path) -> dic
             "median_decode_tok_s": round(statistics.median(r.decode_tok_s for r in runs), 3),
             "median_ttft_s": round(statistics.median(r.ttft_s for r in runs), 6),
             "median_total_s": round(statistics.median(r.total_s for r in runs), 6),
+            "median_cpu_ms_per_token": _median_or_none([r.cpu_s / r.tokens * 1e3 for r in runs if r.cpu_s]),
         }
+
+    # Worker CPU / in-process CPU, per pair; "with client" adds this process's CPU reading the stream.
+    cpu_ratios, cpu_client_ratios = [], []
+    for a, b in zip(ip_runs, sv_runs, strict=True):
+        if a.cpu_s and b.cpu_s is not None:
+            cpu_ratios.append(b.cpu_s / a.cpu_s)
+            cpu_client_ratios.append((b.cpu_s + (b.client_cpu_s or 0.0)) / a.cpu_s)
 
     return {
         "name": spec.name,
@@ -413,6 +448,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, workdir: Path) -> dic
             for r, d, o in zip(ratios, ttft_diffs, per_token_ms, strict=True)
         ],
         "median_decode_ratio": round(statistics.median(ratios), 4),
+        "median_decode_ratio_ci95": bootstrap_ci(ratios),
         "min_decode_ratio": round(min(ratios), 4),
         "max_decode_ratio": round(max(ratios), 4),
         "median_ttft_diff_s": round(statistics.median(ttft_diffs), 6),
@@ -420,6 +456,14 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, workdir: Path) -> dic
             statistics.median(b.ttft_s / a.ttft_s for a, b in zip(ip_runs, sv_runs, strict=True)), 4
         ),
         "median_per_token_overhead_ms": round(statistics.median(per_token_ms), 4),
+        # CPU time is far less sensitive than wall time to other jobs on the machine (the worker's is read
+        # from /proc in clock ticks, 10 ms, so short runs are coarse).
+        "cpu_ratios": [round(r, 4) for r in cpu_ratios],
+        "median_cpu_ratio": _median_or_none(cpu_ratios),
+        "median_cpu_ratio_with_client": _median_or_none(cpu_client_ratios),
+        "median_client_cpu_ms_per_token": _median_or_none(
+            [r.client_cpu_s / r.tokens * 1e3 for r in sv_runs if r.client_cpu_s is not None]
+        ),
         "parity": not mismatches,
         "parity_detail": {
             "runs_checked": len(labelled),
@@ -427,6 +471,24 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, workdir: Path) -> dic
             "text_preview": reference[:120],
         },
     }
+
+
+def bootstrap_ci(values: list[float], resamples: int = 2000, seed: int = 0) -> list[float]:
+    """95% percentile-bootstrap interval of the median; seeded, so the same samples give the same one."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return [round(medians[int(0.025 * resamples)], 4), round(medians[int(0.975 * resamples) - 1], 4)]
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _median_or_none(values: list[float]) -> float | None:
+    return round(statistics.median(values), 4) if values else None
 
 
 # ---------------------------------------------------------------- machine and main
@@ -460,6 +522,10 @@ def machine() -> dict[str, Any]:
         "mlx_lm": importlib.metadata.version("mlx-lm"),
         "mlx_flash": importlib.metadata.version("mlx-flash"),
         "device": str(mx.default_device()),
+        # The worker's HTTP stack: uvicorn picks httptools and uvloop when installed, else h11 and asyncio.
+        "server_stack": {
+            name: _version(name) for name in ("uvicorn", "starlette", "httptools", "uvloop", "h11")
+        },
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
@@ -484,7 +550,13 @@ def git_state() -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {MODELS}")
-    p.add_argument("--pairs", type=int, default=6, help="measured A B pairs per model")
+    p.add_argument("--pairs", type=int, default=8, help="measured A B pairs per model")
+    p.add_argument(
+        "--order",
+        choices=["abab", "abba"],
+        default="abab",
+        help="abab: in-process first in every pair (docs/PERF.md); abba: alternate which side goes first",
+    )
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs per side, not reported")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
@@ -515,17 +587,19 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "benchmark": "single_stream",
         "command": shlex.join([sys.executable, *sys.argv]),
+        "argv": sys.argv,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "machine": machine(),
         "git": git_state(),
         "method": {
-            "order": "warm-up (in-process, server) x warmup, then pairs A B A B (A = in-process, B = server)",
+            "order": "warm-up (in-process, server) x warmup, then pairs (A = in-process, B = server): "
+            + ("A B A B ..." if args.order == "abab" else "A B, B A, A B, ..."),
             "endpoint": "POST /v1/completions, stream: true, temperature 0, logit_bias {eos: -100}",
             "in_process": "mlx_lm.stream_generate(model, tokenizer, mx.array(ids), sampler=greedy, "
             "logits_processors=[logit_bias {eos: -100}])",
             "ttft": "request start to first non-empty text (server: chunk arrival at an httpx client)",
             "decode_tok_s": "(tokens - 1) / (last non-empty text - first non-empty text)",
-            "ratio": "server / in-process decode tok/s, per pair",
+            "ratio": "server / in-process decode tok/s, per pair; median with a bootstrap 95% interval",
         },
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "model_list", "dense_dir")}
         | {"prompt": args.prompt},
