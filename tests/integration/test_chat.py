@@ -181,3 +181,21 @@ def test_models_are_listed_and_retrievable(demo_worker: Worker) -> None:
     with pytest.raises(openai.NotFoundError) as e:
         c.models.retrieve("nope")
     assert e.value.code == "model_not_found"
+
+
+def test_text_completion_logprobs_line_up_with_the_text(qwen3: Worker) -> None:
+    r = client(qwen3).completions.create(
+        model=model_id(qwen3), prompt="Hello there", max_tokens=10, temperature=0, logprobs=2
+    )
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.tokens is not None and lp.text_offset is not None
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert lp.top_logprobs is not None and all(len(top) == 2 for top in lp.top_logprobs)
+
+
+def test_routes_answer_without_the_v1_prefix(demo_worker: Worker) -> None:
+    c = openai.OpenAI(base_url=demo_worker.url, api_key="x", max_retries=0)
+    assert c.models.list().data[0].id == "demo"
+    r = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert r.choices[0].message.role == "assistant"

@@ -58,6 +58,15 @@ class TokenBytes:
         return str(self._tokenizer.decode([token_id])).encode()
 
 
+def display(raw: bytes) -> str:
+    """A token's text, or OpenAI's `bytes:\\xe2\\x80` form when it is only part of a character
+    (so distinct partial tokens never collide as keys of legacy `top_logprobs`)."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 def token_logprob(
     logprobs: mx.array, token_id: int, text: str, top_n: int, token_bytes: TokenBytes
 ) -> TokenLogprob:
@@ -70,7 +79,7 @@ def token_logprob(
         ranked_ids = cast("list[int]", ids[order].tolist())
         ranked_values = cast("list[float]", values[order].tolist())
         top = tuple(
-            TopLogprob(token=token_bytes(i).decode(errors="replace"), logprob=v, bytes=list(token_bytes(i)))
+            TopLogprob(token=display(token_bytes(i)), logprob=v, bytes=list(token_bytes(i)))
             for i, v in zip(ranked_ids, ranked_values, strict=True)
         )
     return TokenLogprob(
