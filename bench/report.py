@@ -85,7 +85,23 @@ def single_stream(result: dict[str, Any], source: str) -> str:
     return "\n".join(rows)
 
 
-RENDERERS: dict[str, Callable[[dict[str, Any], str], str]] = {"single_stream": single_stream}
+def demo_skills(result: dict[str, Any], source: str) -> str:
+    rows = ["| task | exact answers |", "|---|---:|"]
+    for name, t in result["tasks"].items():
+        rows.append(f"| {name} | {t['correct']}/{t['total']} ({t['correct'] / t['total']:.0%}) |")
+    rows.append("")
+    rows.append(
+        "Greedy, through the chat API (tool calls through raw completions until tool parsing lands). "
+        f"{_machine(result['machine'])}; {result.get('started', '')}. "
+        f"Source: `{source}`, made by `{_command(result)}`."
+    )
+    return "\n".join(rows)
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any], str], str]] = {
+    "single_stream": single_stream,
+    "demo_skills": demo_skills,
+}
 
 
 def tables(results_dir: Path) -> dict[str, str]:
