@@ -297,12 +297,17 @@ def stream_error() -> bytes:
 # ---------------------------------------------------------------- endpoints
 
 
-async def chat_completions(request: Request) -> Response:
+async def _begin(request: Request) -> tuple[dict[str, Any], Fields, Engine, Common]:
+    """The body, its fields, the engine of the model it names, and the fields both endpoints share."""
     state: WorkerState = request.app.state.worker
     body = await read_json_object(request, state.config.max_body_bytes)
     f = Fields(body)
     engine = state.engine_for(f.string("model", required=True) or "")
-    common = parse_common(f, engine.vocab_size)
+    return body, f, engine, parse_common(f, engine.vocab_size)
+
+
+async def chat_completions(request: Request) -> Response:
+    body, f, engine, common = await _begin(request)
     reject_unsupported(f)
     messages = parse_messages(body)
     kwargs = f.obj("chat_template_kwargs") or {}
@@ -339,14 +344,9 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def completions(request: Request) -> Response:
-    state: WorkerState = request.app.state.worker
-    body = await read_json_object(request, state.config.max_body_bytes)
-    f = Fields(body)
-    engine = state.engine_for(f.string("model", required=True) or "")
-    common = parse_common(f, engine.vocab_size)
-    for key in ("suffix",):
-        if f.present(key):
-            raise InvalidRequest(f"{key} is not supported by this server", param=key)
+    body, f, engine, common = await _begin(request)
+    if f.present("suffix"):
+        raise InvalidRequest("suffix is not supported by this server", param="suffix")
     if f.boolean("echo", False):
         raise InvalidRequest("echo is not supported by this server", param="echo")
     if (f.integer("best_of", 1, lo=1) or 1) > 1:
