@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import openai
 import pytest
 
@@ -199,3 +202,19 @@ def test_routes_answer_without_the_v1_prefix(demo_worker: Worker) -> None:
     assert c.models.list().data[0].id == "demo"
     r = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
     assert r.choices[0].message.role == "assistant"
+
+
+def test_concurrent_requests_each_get_their_own_answer(demo_worker: Worker) -> None:
+    async def ask(c: openai.AsyncOpenAI, a: int, b: int, stream: bool) -> str | None:
+        msgs: Any = [{"role": "user", "content": f"What is {a}+{b}?"}]
+        if not stream:
+            r = await c.chat.completions.create(model="demo", messages=msgs, temperature=0)
+            return r.choices[0].message.content
+        chunks = await c.chat.completions.create(model="demo", messages=msgs, temperature=0, stream=True)
+        return "".join([ch.choices[0].delta.content or "" async for ch in chunks if ch.choices])
+
+    async def ask_all() -> list[str | None]:
+        async with openai.AsyncOpenAI(base_url=f"{demo_worker.url}/v1", api_key="x", max_retries=0) as c:
+            return await asyncio.gather(*(ask(c, a, a + 7, a % 2 == 0) for a in range(10, 18)))
+
+    assert asyncio.run(ask_all()) == [str(2 * a + 7) for a in range(10, 18)]
