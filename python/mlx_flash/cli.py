@@ -8,12 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mlx_flash import __version__
+from mlx_flash import __version__, worker
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mlx_flash import worker
-
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(
         prog="mlx-flash", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -25,13 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in ("serve", "worker", "-h", "--help", "--version"):
         argv = ["serve", *argv]
     args = p.parse_args(argv)
-    try:
-        return worker.run(worker.config_from(args))
-    except ValueError as e:
-        print(f"mlx-flash: error: {e}", file=sys.stderr)  # noqa: T201 - user-facing
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return worker.run(worker.config_from(args))
 
 
 if __name__ == "__main__":

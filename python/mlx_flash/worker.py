@@ -179,9 +179,13 @@ def _bind(host: str, port: int) -> socket.socket:
 def run(config: WorkerConfig) -> int:
     """Serve until interrupted; the model loads in the background while /ready says 503."""
     json_logging.configure(config.log_level)
-    config.validate()
+    try:
+        config.validate()
+        sock = _bind(config.host, config.port)
+    except (ValueError, OSError) as e:
+        print(f"mlx-flash: error: {e}", file=sys.stderr)  # noqa: T201 - user-facing
+        return 2
     state = WorkerState(config)
-    sock = _bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(create_app(state), log_config=None, timeout_graceful_shutdown=10))
 
@@ -239,12 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_worker_flags(p)
-    args = p.parse_args(argv)
-    try:
-        return run(config_from(args))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)  # noqa: T201 - user-facing
-        return 2
+    return run(config_from(p.parse_args(argv)))
 
 
 if __name__ == "__main__":

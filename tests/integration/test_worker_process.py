@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,6 +27,15 @@ def test_refuses_to_listen_off_loopback_without_an_api_key() -> None:
     r = run_cli("worker", "--host", "0.0.0.0", "--port", "0")
     assert r.returncode == 2
     assert "without an API key" in r.stderr
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = run_cli("worker", "--port", str(taken.getsockname()[1]))
+    assert r.returncode == 2
+    assert "Address already in use" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_missing_model_directory_exits_with_a_clear_error(tmp_path: Path) -> None:
