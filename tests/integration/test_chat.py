@@ -118,6 +118,27 @@ def test_logprobs_concatenate_to_content(qwen3: Worker) -> None:
         assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob <= 0
 
 
+def test_streamed_logprobs_travel_with_their_text(qwen3: Worker) -> None:
+    chunks = client(qwen3).chat.completions.create(
+        model=model_id(qwen3),
+        messages=MSG,
+        max_tokens=12,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        stream=True,
+        logit_bias={"2": -100},
+    )
+    n = 0
+    for ch in chunks:
+        delta, lp = ch.choices[0].delta, ch.choices[0].logprobs
+        if delta.content:
+            assert lp is not None and lp.content is not None
+            assert "".join(t.token for t in lp.content) == delta.content
+            n += len(lp.content)
+    assert n == 12
+
+
 def test_seed_makes_sampling_reproducible(qwen3: Worker) -> None:
     c, m = client(qwen3), model_id(qwen3)
 
