@@ -72,7 +72,7 @@ class RequestHandle:
 class Engine:
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
-        self._token_bytes = TokenBytes(loaded.tokenizer, loaded.path)
+        self._token_bytes = TokenBytes(loaded.tokenizer)
         self.vocab_size = int(loaded.config.get("vocab_size") or len(loaded.tokenizer))
         self._jobs: queue.Queue[RequestHandle | None] = queue.Queue()
         self._in_flight = metrics.REQUESTS_IN_FLIGHT.labels(model=loaded.id)

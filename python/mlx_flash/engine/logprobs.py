@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from functools import cache
-from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import mlx.core as mx
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
 
 from mlx_flash.engine.request import TokenLogprob, TopLogprob
 
@@ -23,21 +22,13 @@ def _gpt2_byte_decoder() -> dict[str, int]:
     return mapping
 
 
-def _is_byte_level(model_path: Path) -> bool:
-    try:
-        spec = json.loads((model_path / "tokenizer.json").read_text())
-    except (OSError, ValueError):
-        return False
-    decoder = spec.get("decoder") or {}
-    return bool(decoder.get("type") == "ByteLevel")
-
-
 class TokenBytes:
     """Raw bytes of single tokens, which may be half of a UTF-8 character."""
 
-    def __init__(self, tokenizer: Any, model_path: Path) -> None:
+    def __init__(self, tokenizer: TokenizerWrapper) -> None:
         self._tokenizer = tokenizer
-        self._byte_level = _is_byte_level(model_path)
+        # mlx-lm already decided whether the vocabulary is byte-level when it chose a detokenizer.
+        self._byte_level = isinstance(tokenizer.detokenizer, BPEStreamingDetokenizer)
         self._cache: dict[int, bytes] = {}
 
     def __call__(self, token_id: int) -> bytes:
