@@ -189,62 +189,16 @@ def run_server(client: httpx.Client, url: str, pid: int, body: bytes) -> Run:
 
 # ---------------------------------------------------------------- the worker process
 
+# One way to start a worker on a free port and wait for /ready: the tests' own.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from helpers import run_worker  # noqa: E402
+
 
 @contextlib.contextmanager
 def worker(model_arg: str, log_path: Path, timeout: float) -> Iterator[tuple[str, int]]:
     """A real worker on a free port; yields its URL and pid once /ready says 200; always stops it."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlx_flash.worker",
-        "--model",
-        model_arg,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-    ]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + timeout
-        url = _wait_listening(proc, log_path, deadline)
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {proc.returncode}:\n{_tail(log_path)}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"worker not ready after {timeout}s:\n{_tail(log_path)}")
-            time.sleep(0.1)
-        yield url, proc.pid
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-
-def _wait_listening(proc: subprocess.Popen[bytes], log_path: Path, deadline: float) -> str:
-    while time.monotonic() < deadline:
-        for line in log_path.read_text(errors="replace").splitlines():
-            if '"msg":"listening"' in line:
-                entry = json.loads(line)
-                return f"http://{entry['host']}:{entry['port']}"
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {proc.returncode}:\n{_tail(log_path)}")
-        time.sleep(0.05)
-    raise TimeoutError(f"worker did not start listening:\n{_tail(log_path)}")
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    with run_worker(model_arg, log_path, timeout=timeout) as w:
+        yield w.url, w.process.pid
 
 
 # ---------------------------------------------------------------- models
