@@ -20,6 +20,7 @@ serve: install
 	$(BIN)/mlx-flash serve $(ARGS)
 
 test: install-dev
+	cargo test --workspace
 	$(BIN)/pytest $(ARGS)
 
 lint: install-dev

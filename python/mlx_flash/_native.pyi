@@ -6,7 +6,7 @@ returns a plain ``dict``. Import it under ``typing.TYPE_CHECKING``.
 
 from typing import Literal, TypedDict
 
-__all__ = ["__version__", "memory_snapshot"]
+__all__ = ["__version__", "memory_snapshot", "serve"]
 
 __version__: str
 
@@ -29,6 +29,12 @@ class MemorySnapshot(TypedDict):
 def memory_snapshot() -> MemorySnapshot:
     """Return a snapshot of system memory.
 
-    Raises ``NotImplementedError`` on platforms other than Linux, ``OSError``
-    if a kernel file cannot be read and ``ValueError`` if one cannot be parsed.
+    Raises ``NotImplementedError`` on platforms other than Linux and macOS, ``OSError``
+    if a kernel interface cannot be read and ``ValueError`` if its output cannot be parsed.
+    """
+
+def serve(args: list[str]) -> int:
+    """Run the sidecar with ``mlx-flash serve`` arguments until SIGINT/SIGTERM; return the exit code.
+
+    The GIL is released while it runs; flags are parsed by the same code as ``mlx-flash-sidecar``.
     """

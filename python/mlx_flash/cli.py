@@ -1,29 +1,44 @@
-"""`mlx-flash`: the one command. `serve` (the default) starts serving; `worker` runs one worker.
+"""`mlx-flash`: the one command.
 
-Until the sidecar lands, `serve` runs a single worker in-process.
+  mlx-flash [serve] [--model M] [--workers N] [--host H] [--port P] ...   the server (default)
+  mlx-flash worker [--model M] [--port P] ...                              one worker, no sidecar
+
+`serve` runs the Rust sidecar in this process (`mlx-flash serve --help` lists its flags); it starts
+and supervises the workers itself.
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 
-from mlx_flash import __version__, worker
+from mlx_flash import __version__, _native, worker
+
+
+def serve(args: list[str]) -> int:
+    """Run the sidecar; workers are started with this interpreter unless told otherwise."""
+    given = any(a == "--python" or a.startswith("--python=") for a in args)
+    if not given and "MLX_FLASH_PYTHON" not in os.environ:
+        args = ["--python", sys.executable, *args]
+    try:
+        return _native.serve(args)
+    except KeyboardInterrupt:
+        # The sidecar already drained and stopped on this Ctrl-C; Python saw it too.
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(
-        prog="mlx-flash", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--version", action="version", version=f"mlx-flash {__version__}")
-    sub = p.add_subparsers(dest="command")
-    for name, help_text in (("serve", "serve the OpenAI API (default)"), ("worker", "run one worker")):
-        worker.add_worker_flags(sub.add_parser(name, help=help_text))
-    if not argv or argv[0] not in ("serve", "worker", "-h", "--help", "--version"):
-        argv = ["serve", *argv]
-    args = p.parse_args(argv)
-    return worker.run(worker.config_from(args))
+    command = argv[0] if argv else "serve"
+    if command in ("-h", "--help"):
+        print(__doc__)  # noqa: T201 - user-facing
+        return 0
+    if command == "--version":
+        print(f"mlx-flash {__version__}")  # noqa: T201 - user-facing
+        return 0
+    if command == "worker":
+        return worker.main(argv[1:], prog="mlx-flash worker")
+    return serve(argv[1:] if command == "serve" else argv)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ class WorkerConfig:
     model: str = "demo"
     host: str = "127.0.0.1"
     port: int = 8080
+    uds: str | None = None
+    parent_pid: int | None = None
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     log_level: str = "info"
 
     def validate(self) -> None:
-        if not is_loopback(self.host) and not self.api_key:
+        if not self.uds and not is_loopback(self.host) and not self.api_key:
             raise ValueError(
                 f"refusing to listen on {self.host} without an API key: "
                 "set --api-key (or MLX_FLASH_API_KEY), or bind 127.0.0.1"

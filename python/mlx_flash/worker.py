@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import hmac
 import logging
+import os
 import socket
 import sys
 import threading
@@ -26,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mlx_flash import __version__, metrics
+from mlx_flash import __version__, memory, metrics
 from mlx_flash import logging as json_logging
 from mlx_flash.api import openai
 from mlx_flash.api.errors import (
@@ -41,7 +42,8 @@ from mlx_flash.engine.engine import Engine
 from mlx_flash.models.loader import load_model
 from mlx_flash.worker_state import WorkerState
 
-log = logging.getLogger(__name__)
+# Named explicitly: run as `python -m mlx_flash.worker`, __name__ is "__main__".
+log = logging.getLogger("mlx_flash.worker")
 
 UNAUTHENTICATED = {"/health", "/ready"}
 ROUTE_LABELS = {"/chat/completions", "/completions", "/models", "/health", "/ready", "/metrics"}
@@ -108,7 +110,8 @@ class Observe:
 
 
 async def health(request: Request) -> Response:
-    return JSONResponse({"status": "ok", "version": __version__})
+    # The sidecar's liveness ping; it routes away from workers under memory pressure.
+    return JSONResponse({"status": "ok", "version": __version__, "memory": memory.snapshot()})
 
 
 async def ready(request: Request) -> Response:
@@ -167,13 +170,30 @@ def create_app(state: WorkerState) -> Starlette:
     return app
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(info[0], socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(info[4])
+def _bind(config: WorkerConfig) -> socket.socket:
+    if config.uds:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(config.uds)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(config.uds)
+        os.chmod(config.uds, 0o600)
+    else:
+        info = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
     sock.listen(2048)
     return sock
+
+
+def _exit_with_parent(parent_pid: int, server: uvicorn.Server) -> None:
+    """A supervised worker must not outlive its sidecar, even one killed with SIGKILL."""
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    log.warning("parent process is gone; shutting down", extra={"parent_pid": parent_pid})
+    server.should_exit = True
+    time.sleep(10)
+    os._exit(1)
 
 
 def run(config: WorkerConfig) -> int:
@@ -181,12 +201,11 @@ def run(config: WorkerConfig) -> int:
     json_logging.configure(config.log_level)
     try:
         config.validate()
-        sock = _bind(config.host, config.port)
+        sock = _bind(config)
     except (ValueError, OSError) as e:
         print(f"mlx-flash: error: {e}", file=sys.stderr)  # noqa: T201 - user-facing
         return 2
     state = WorkerState(config)
-    host, port = sock.getsockname()[:2]
     server = uvicorn.Server(uvicorn.Config(create_app(state), log_config=None, timeout_graceful_shutdown=10))
 
     def load() -> None:
@@ -200,7 +219,16 @@ def run(config: WorkerConfig) -> int:
             state.load_error = f"{type(e).__name__}: {e}"
             server.should_exit = True
 
-    log.info("listening", extra={"host": host, "port": port, "url": f"http://{host}:{port}"})
+    if config.uds:
+        log.info("listening", extra={"uds": config.uds})
+    else:
+        host, port = sock.getsockname()[:2]
+        log.info("listening", extra={"host": host, "port": port, "url": f"http://{host}:{port}"})
+    if config.parent_pid is not None:
+        watch = threading.Thread(
+            target=_exit_with_parent, args=(config.parent_pid, server), name="parent-watch", daemon=True
+        )
+        watch.start()
     threading.Thread(target=load, name="model-loader", daemon=True).start()
     server.run(sockets=[sock])
     return 1 if state.load_error else 0
@@ -219,6 +247,10 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
         default=env_default("API_KEY", None),
         help="require this key (Bearer or x-api-key); mandatory off loopback",
     )
+    p.add_argument("--uds", default=None, help="listen on this Unix socket instead of host:port")
+    p.add_argument(
+        "--parent-pid", type=int, default=None, help="exit when this process (the supervisor) goes away"
+    )
     p.add_argument("--max-body-bytes", type=int, default=env_int("MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES))
     p.add_argument(
         "--log-level", default=env_default("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
@@ -230,15 +262,17 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
         model=args.model,
         host=args.host,
         port=args.port,
+        uds=args.uds,
+        parent_pid=args.parent_pid,
         api_key=args.api_key,
         max_body_bytes=args.max_body_bytes,
         log_level=args.log_level,
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m mlx_flash.worker") -> int:
     p = argparse.ArgumentParser(
-        prog="python -m mlx_flash.worker",
+        prog=prog,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,56 +1,49 @@
 //! `mlx_flash._native`: the Rust half of mlx-flash, exposed to Python via PyO3.
 //!
-//! This file is only the Python boundary; the logic lives in `memory`
-//! (platform-independent model and pressure classification) and in one module
-//! per platform (currently `linux`).
-//!
-//! Rust unit tests are plain `cargo test` (pure Rust, no interpreter needed).
+//! Only the Python boundary lives here: the memory reader and the sidecar are the
+//! `mlx-flash-sidecar` crate, so both sides share one classification and one server.
+#![forbid(unsafe_code)]
 
-// Until the macOS backend lands, the shared model is unused on other platforms.
-#![cfg_attr(not(target_os = "linux"), allow(dead_code))]
-
-mod error;
-#[cfg(target_os = "linux")]
-mod linux;
-mod memory;
-
+use pyo3::exceptions::{PyNotImplementedError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::memory::MemorySnapshot;
+use mlx_flash_sidecar::memory::{self, MemoryError};
 
 /// Return a snapshot of system memory as a dict (see `_native.pyi` for the keys).
 #[pyfunction]
 fn memory_snapshot(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    #[cfg(target_os = "linux")]
-    {
-        to_dict(py, &linux::snapshot()?)
+    let snapshot = memory::snapshot().map_err(to_py_err)?;
+    let d = PyDict::new(py);
+    if let serde_json::Value::Object(fields) = snapshot.to_json() {
+        for (key, value) in fields {
+            match value {
+                serde_json::Value::String(s) => d.set_item(key, s)?,
+                serde_json::Value::Number(n) => match n.as_u64() {
+                    Some(u) => d.set_item(key, u)?,
+                    None => d.set_item(key, n.as_f64())?,
+                },
+                _ => d.set_item(key, py.None())?,
+            }
+        }
     }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = py;
-        Err(pyo3::exceptions::PyNotImplementedError::new_err(
-            "memory_snapshot is not implemented on this platform yet",
-        ))
+    Ok(d)
+}
+
+fn to_py_err(err: MemoryError) -> PyErr {
+    match err {
+        MemoryError::Parse { .. } => PyValueError::new_err(err.to_string()),
+        MemoryError::Unsupported => PyNotImplementedError::new_err(err.to_string()),
+        MemoryError::Io { .. } | MemoryError::Sys { .. } => PyOSError::new_err(err.to_string()),
     }
 }
 
-fn to_dict<'py>(py: Python<'py>, s: &MemorySnapshot) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("platform", s.platform)?;
-    d.set_item("total_bytes", s.total_bytes)?;
-    d.set_item("available_bytes", s.available_bytes)?;
-    d.set_item("used_bytes", s.used_bytes)?;
-    d.set_item("swap_used_bytes", s.swap_used_bytes)?;
-    d.set_item("cgroup_limit_bytes", s.cgroup.map(|c| c.limit_bytes))?;
-    d.set_item("cgroup_usage_bytes", s.cgroup.map(|c| c.usage_bytes))?;
-    d.set_item("psi_some_avg10", s.psi.map(|p| p.some_avg10))?;
-    d.set_item("psi_full_avg10", s.psi.map(|p| p.full_avg10))?;
-    let a = &s.assessment;
-    d.set_item("effective_available_bytes", a.effective_available_bytes)?;
-    d.set_item("effective_total_bytes", a.effective_total_bytes)?;
-    d.set_item("pressure", a.pressure.as_str())?;
-    Ok(d)
+/// Run the sidecar with command-line `args` (as `mlx-flash serve` would get them, without the
+/// program name) until SIGINT/SIGTERM; returns the exit code. The GIL is released throughout.
+#[pyfunction]
+fn serve(py: Python<'_>, args: Vec<String>) -> i32 {
+    let argv = std::iter::once("mlx-flash serve".to_owned()).chain(args);
+    py.detach(|| mlx_flash_sidecar::main_with_args(argv.map(Into::into)))
 }
 
 /// The `mlx_flash._native` extension module.
@@ -58,5 +51,6 @@ fn to_dict<'py>(py: Python<'py>, s: &MemorySnapshot) -> PyResult<Bound<'py, PyDi
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(memory_snapshot, m)?)?;
+    m.add_function(wrap_pyfunction!(serve, m)?)?;
     Ok(())
 }

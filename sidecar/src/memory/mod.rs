@@ -1,7 +1,70 @@
-//! Platform-independent memory snapshot model and pressure classification.
+//! Memory: one snapshot model and one pressure classification for every platform.
 //!
-//! Platform modules (currently only `crate::linux`) gather raw numbers and
-//! call [`assess`] so that every platform classifies pressure the same way.
+//! Platform modules (`linux`, `macos`) gather raw numbers and call [`assess`],
+//! so the sidecar and the Python workers (through `mlx_flash._native`) classify
+//! pressure the same way.
+
+use std::path::PathBuf;
+
+#[cfg(target_os = "linux")]
+mod linux;
+// Compiled everywhere so its pure arithmetic is unit-tested on Linux too;
+// only its system calls are macOS-only.
+#[cfg_attr(not(target_os = "macos"), allow(dead_code))]
+mod macos;
+
+#[cfg(target_os = "linux")]
+pub use linux::snapshot;
+#[cfg(target_os = "macos")]
+pub use macos::snapshot;
+
+/// Fallback for platforms we do not read yet.
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+pub fn snapshot() -> Result<MemorySnapshot, MemoryError> {
+    Err(MemoryError::Unsupported)
+}
+
+/// Anything that can go wrong while taking a memory snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// A kernel file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        /// The file that failed.
+        path: PathBuf,
+        /// The underlying IO error.
+        source: std::io::Error,
+    },
+    /// A kernel interface returned unexpected contents.
+    #[error("cannot parse {what}: {detail}")]
+    Parse {
+        /// What was being parsed, e.g. `"/proc/meminfo"`.
+        what: &'static str,
+        /// What was wrong with it.
+        detail: String,
+    },
+    /// A system call failed.
+    #[error("{call} failed: {detail}")]
+    Sys {
+        /// The call, e.g. `"host_statistics64"`.
+        call: &'static str,
+        /// Its error code or message.
+        detail: String,
+    },
+    /// This platform has no memory reader.
+    #[error("memory snapshots are not supported on this platform")]
+    Unsupported,
+}
+
+impl MemoryError {
+    /// Shorthand for building a [`MemoryError::Parse`].
+    pub fn parse(what: &'static str, detail: impl Into<String>) -> Self {
+        MemoryError::Parse {
+            what,
+            detail: detail.into(),
+        }
+    }
+}
 
 /// Below 5% of effective memory free the kernel is about to reclaim hard or OOM-kill.
 pub const CRITICAL_AVAILABLE_FRACTION: f64 = 0.05;
@@ -17,7 +80,9 @@ pub const WARNING_PSI_SOME_AVG10: f64 = 10.0;
 pub const WARNING_PSI_FULL_AVG10: f64 = 1.0;
 
 /// Coarse memory-pressure level reported to Python.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// Ordered from least to most severe, so `max` picks the worse level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Pressure {
     /// Plenty of memory available.
     Normal,
@@ -36,6 +101,14 @@ impl Pressure {
             Pressure::Critical => "critical",
         }
     }
+}
+
+/// The more severe of two pressure levels.
+///
+/// Used to fold a kernel's own verdict (macOS `kern.memorystatus_vm_pressure_level`)
+/// into the level [`assess`] derives from the numbers: either can only raise it.
+pub fn worst(a: Pressure, b: Pressure) -> Pressure {
+    a.max(b)
 }
 
 /// Memory limit and usage of the cgroup the process runs in, when a limit applies.
@@ -86,6 +159,27 @@ pub struct MemorySnapshot {
     pub psi: Option<Psi>,
     /// Effective memory and pressure level, see [`assess`].
     pub assessment: Assessment,
+}
+
+impl MemorySnapshot {
+    /// The flat JSON object both sides use (`/health`, the admin API, `_native.memory_snapshot()`).
+    pub fn to_json(&self) -> serde_json::Value {
+        let a = &self.assessment;
+        serde_json::json!({
+            "platform": self.platform,
+            "total_bytes": self.total_bytes,
+            "available_bytes": self.available_bytes,
+            "used_bytes": self.used_bytes,
+            "swap_used_bytes": self.swap_used_bytes,
+            "cgroup_limit_bytes": self.cgroup.map(|c| c.limit_bytes),
+            "cgroup_usage_bytes": self.cgroup.map(|c| c.usage_bytes),
+            "psi_some_avg10": self.psi.map(|p| p.some_avg10),
+            "psi_full_avg10": self.psi.map(|p| p.full_avg10),
+            "effective_available_bytes": a.effective_available_bytes,
+            "effective_total_bytes": a.effective_total_bytes,
+            "pressure": a.pressure.as_str(),
+        })
+    }
 }
 
 /// Classify memory pressure for a process.
@@ -150,6 +244,17 @@ mod tests {
             some_avg10,
             full_avg10,
         })
+    }
+
+    #[test]
+    fn worst_picks_the_more_severe_level() {
+        use Pressure::{Critical, Normal, Warning};
+        let levels = [Normal, Warning, Critical];
+        for (i, &a) in levels.iter().enumerate() {
+            for (j, &b) in levels.iter().enumerate() {
+                assert_eq!(worst(a, b), levels[i.max(j)], "worst({a:?}, {b:?})");
+            }
+        }
     }
 
     #[test]

@@ -8,8 +8,7 @@ use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
-use crate::error::Error;
-use crate::memory::{assess, CgroupMemory, MemorySnapshot, Psi};
+use super::{assess, CgroupMemory, MemoryError as Error, MemorySnapshot, Psi};
 
 const MEMINFO: &str = "/proc/meminfo";
 const SELF_CGROUP: &str = "/proc/self/cgroup";

@@ -1,0 +1,175 @@
+//! The sidecar's own JSON routes: health, readiness, the merged model list, and the admin API.
+
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use futures_util::future::join_all;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use serde_json::{json, Value};
+
+use crate::error::{ApiError, ErrorKind};
+use crate::workers::backend::{Backend, State as WorkerState};
+use crate::AppState;
+
+/// `GET /health`: liveness, with this host's memory (remote sidecars are probed with it).
+pub async fn health() -> Json<Value> {
+    let memory = crate::memory::snapshot().ok().map(|s| s.to_json());
+    Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "memory": memory}))
+}
+
+/// `GET /ready`: 200 once any worker serves, with the models served.
+pub async fn ready(State(state): State<AppState>) -> Response {
+    let mut models: Vec<String> = Vec::new();
+    for b in state.pool.backends() {
+        let status = b.status();
+        if status.state == WorkerState::Ready {
+            models.extend(status.models.iter().cloned());
+        }
+    }
+    models.sort();
+    models.dedup();
+    if state.pool.any_ready() {
+        Json(json!({"status": "ready", "models": models})).into_response()
+    } else {
+        let body = json!({"status": "loading", "error": null});
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
+}
+
+/// `GET /v1/models` (and `/models`): the union of every ready backend's list, fetched now.
+pub async fn models(State(state): State<AppState>, request: axum::extract::Request) -> Response {
+    let path = request.uri().path().to_owned();
+    let ready: Vec<_> = state
+        .pool
+        .backends()
+        .iter()
+        .filter(|b| b.status().state == WorkerState::Ready)
+        .cloned()
+        .collect();
+    if ready.is_empty() {
+        let kind = ErrorKind::Unavailable("No worker is ready yet; retry shortly.".into());
+        return ApiError::new(&path, kind).into_response();
+    }
+    let lists = join_all(ready.iter().map(|b| fetch_models(b))).await;
+    let mut data: Vec<Value> = Vec::new();
+    for item in lists.into_iter().flatten().flatten() {
+        let id = item.get("id").cloned();
+        if !data.iter().any(|d| d.get("id") == id.as_ref()) {
+            data.push(item);
+        }
+    }
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn fetch_models(backend: &Backend) -> Option<Vec<Value>> {
+    let mut request = Request::get(backend.uri("/v1/models").ok()?);
+    if let Some(auth) = backend.authorization() {
+        request = request.header("authorization", auth);
+    }
+    let request = request.body(Full::new(Bytes::new())).ok()?;
+    let exchange = async {
+        let response = backend.client.request(request).await.ok()?;
+        let body = response.into_body().collect().await.ok()?.to_bytes();
+        let list: Value = serde_json::from_slice(&body).ok()?;
+        list.get("data")?.as_array().cloned()
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+fn worker_json(b: &Backend) -> Value {
+    let status = b.status().clone();
+    let url = match &b.location {
+        crate::workers::backend::Location::Local { socket, .. } => {
+            format!("unix:{}", socket.display())
+        }
+        crate::workers::backend::Location::Remote { url, .. } => url.clone(),
+    };
+    json!({
+        "id": &*b.id,
+        "url": url,
+        "kind": if b.is_local() { "local" } else { "remote" },
+        "pid": status.pid,
+        "state": status.state,
+        "models": status.models,
+        "in_flight": b.in_flight(),
+        "weight": b.weight,
+        "restarts": status.restarts,
+        "last_error": status.last_error,
+        "memory": status.memory,
+    })
+}
+
+/// `GET /admin/api/workers`.
+pub async fn workers(State(state): State<AppState>) -> Json<Value> {
+    let list: Vec<Value> = state
+        .pool
+        .backends()
+        .iter()
+        .map(|b| worker_json(b))
+        .collect();
+    Json(json!({ "workers": list }))
+}
+
+/// `POST /admin/api/workers/{id}/restart`: 202; the supervisor restarts it in the background.
+pub async fn restart(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    let path = format!("/admin/api/workers/{id}/restart");
+    match state.pool.get(&id) {
+        Some(b) if b.is_local() => {
+            tracing::info!(worker = %id, "restart requested through the admin API");
+            b.restart.notify_one();
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({"id": id, "restarting": true})),
+            )
+                .into_response()
+        }
+        Some(_) => ApiError::new(
+            &path,
+            ErrorKind::Forbidden(format!(
+                "{id} is a remote backend; it is not supervised here"
+            )),
+        )
+        .into_response(),
+        None => {
+            ApiError::new(&path, ErrorKind::NotFound(format!("No worker {id:?}"))).into_response()
+        }
+    }
+}
+
+/// `POST /admin/api/shutdown`: drain and stop, like SIGTERM.
+pub async fn shutdown(State(state): State<AppState>) -> Response {
+    tracing::info!("shutdown requested through the admin API");
+    state.shutdown.cancel();
+    (StatusCode::ACCEPTED, Json(json!({"shutting_down": true}))).into_response()
+}
+
+/// `GET /admin/api/status`: the whole picture in one call.
+pub async fn status(State(state): State<AppState>) -> Json<Value> {
+    let flags = &state.settings.flags;
+    let backends = state.pool.backends();
+    let count = |s: WorkerState| backends.iter().filter(|b| b.status().state == s).count();
+    let stats = state.policy.stats();
+    let memory = crate::memory::snapshot().ok().map(|s| s.to_json());
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": state.started.elapsed().as_secs_f64(),
+        "model": flags.model,
+        "policy": state.policy.name(),
+        "workers": {
+            "total": backends.len(),
+            "ready": count(WorkerState::Ready),
+            "failed": count(WorkerState::Failed),
+        },
+        "in_flight": backends.iter().map(|b| b.in_flight()).sum::<usize>(),
+        "sessions": stats.sessions,
+        "memory": memory,
+    }))
+}

@@ -1,0 +1,179 @@
+//! Errors: [`StartError`] stops the process with one line; [`ApiError`] answers one request in the
+//! error shape of the API the client speaks (OpenAI, Anthropic or Ollama).
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Anything that prevents the sidecar from starting or makes it stop.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad flags or config file.
+    #[error("{0}")]
+    Config(String),
+    /// The listening socket or the runtime directory could not be set up.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+impl StartError {
+    /// Process exit code: 2 for usage errors, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StartError::Config(_) => 2,
+            StartError::Io { .. } => 1,
+        }
+    }
+}
+
+/// The API family a path belongs to; it decides error shapes, in and out of streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// OpenAI (and everything not claimed by another family).
+    OpenAi,
+    /// Anthropic Messages: `/v1/messages*`.
+    Anthropic,
+    /// Ollama: `/api/*`.
+    Ollama,
+}
+
+impl Family {
+    /// The family of a request path.
+    pub fn of(path: &str) -> Family {
+        if path.starts_with("/v1/messages") || path.starts_with("/messages") {
+            Family::Anthropic
+        } else if path.starts_with("/api/") {
+            Family::Ollama
+        } else {
+            Family::OpenAi
+        }
+    }
+}
+
+/// What went wrong with one request. Each variant knows its status and whether a retry can help.
+#[derive(Debug, thiserror::Error)]
+pub enum ErrorKind {
+    /// Missing or wrong API key.
+    #[error("Missing or incorrect API key (send 'Authorization: Bearer <key>' or 'x-api-key').")]
+    Unauthorized,
+    /// Host or Origin not allowed, or an admin action from elsewhere than this machine.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The body is over `--max-body-bytes`.
+    #[error("Request body is larger than {0} bytes.")]
+    PayloadTooLarge(usize),
+    /// The body could not be read from the client.
+    #[error("Could not read the request body: {0}")]
+    BadBody(String),
+    /// An admin route named an unknown worker.
+    #[error("{0}")]
+    NotFound(String),
+    /// No worker can take the request now (all loading, restarting or down).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Every worker we tried failed before answering.
+    #[error("The worker failed before responding: {0}")]
+    Upstream(String),
+}
+
+impl ErrorKind {
+    fn status(&self) -> StatusCode {
+        match self {
+            ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorKind::Forbidden(_) => StatusCode::FORBIDDEN,
+            ErrorKind::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::BadBody(_) => StatusCode::BAD_REQUEST,
+            ErrorKind::NotFound(_) => StatusCode::NOT_FOUND,
+            ErrorKind::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Upstream(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ErrorKind::Unauthorized => "invalid_api_key",
+            ErrorKind::Forbidden(_) => "forbidden",
+            ErrorKind::PayloadTooLarge(_) => "request_too_large",
+            ErrorKind::BadBody(_) => "invalid_body",
+            ErrorKind::NotFound(_) => "not_found",
+            ErrorKind::Unavailable(_) => "no_worker_available",
+            ErrorKind::Upstream(_) => "upstream_error",
+        }
+    }
+}
+
+/// An [`ErrorKind`] rendered in one API family's shape.
+#[derive(Debug)]
+pub struct ApiError {
+    /// Which shape to answer in.
+    pub family: Family,
+    /// What went wrong.
+    pub kind: ErrorKind,
+}
+
+impl ApiError {
+    /// An error for a request to `path`.
+    pub fn new(path: &str, kind: ErrorKind) -> Self {
+        ApiError {
+            family: Family::of(path),
+            kind,
+        }
+    }
+}
+
+/// The JSON error body of `family` for `message`; also used inside streams.
+pub fn error_body(
+    family: Family,
+    status: StatusCode,
+    code: &str,
+    message: &str,
+) -> serde_json::Value {
+    match family {
+        Family::OpenAi => {
+            let kind = if status.is_server_error() {
+                "server_error"
+            } else if status == StatusCode::UNAUTHORIZED {
+                "authentication_error"
+            } else {
+                "invalid_request_error"
+            };
+            json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+        }
+        Family::Anthropic => {
+            let kind = match status {
+                StatusCode::UNAUTHORIZED => "authentication_error",
+                StatusCode::FORBIDDEN => "permission_error",
+                StatusCode::NOT_FOUND => "not_found_error",
+                StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+                StatusCode::SERVICE_UNAVAILABLE => "overloaded_error",
+                s if s.is_server_error() => "api_error",
+                _ => "invalid_request_error",
+            };
+            json!({"type": "error", "error": {"type": kind, "message": message}})
+        }
+        Family::Ollama => json!({ "error": message }),
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.kind.status();
+        let body = error_body(
+            self.family,
+            status,
+            self.kind.code(),
+            &self.kind.to_string(),
+        );
+        let mut response = (status, axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        if matches!(self.kind, ErrorKind::Unavailable(_)) {
+            headers.insert("retry-after", HeaderValue::from_static("2"));
+        }
+        response
+    }
+}

@@ -1,0 +1,329 @@
+//! The mlx-flash sidecar: the front door in front of N supervised Python workers and any remote
+//! backends. Auth, routing, byte-exact streaming, supervision, and aggregated metrics.
+//!
+//! [`app`] builds the router (tests call it); [`serve`] runs everything until a signal;
+//! [`main_with_args`] is the command line shared by the `mlx-flash-sidecar` binary and
+//! `mlx_flash._native.serve`.
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod logging;
+pub mod memory;
+pub mod metrics;
+mod metrics_merge;
+pub mod proxy;
+pub mod routing;
+pub mod stream;
+pub mod workers;
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::http::HeaderValue;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::auth::Guard;
+use crate::config::{Config, Settings};
+use crate::error::StartError;
+use crate::metrics::Metrics;
+use crate::routing::Policy;
+use crate::workers::backend::{Backend, Location};
+use crate::workers::pool::{watch_remote, Pool};
+use crate::workers::supervisor::{socket_path, Supervisor};
+
+/// Shared state of the running sidecar.
+#[derive(Clone)]
+pub struct AppState {
+    /// Validated configuration.
+    pub settings: Arc<Settings>,
+    /// Every backend.
+    pub pool: Arc<Pool>,
+    /// The routing policy.
+    pub policy: Arc<dyn Policy>,
+    /// Our own series.
+    pub metrics: Arc<Metrics>,
+    /// Key, Host and Origin checks.
+    pub guard: Arc<Guard>,
+    /// Cancelled to shut down (signal or admin action).
+    pub shutdown: CancellationToken,
+    /// When the sidecar started.
+    pub started: Instant,
+}
+
+impl AppState {
+    /// State for `settings` over `backends`.
+    pub fn new(settings: Settings, backends: Vec<Arc<Backend>>) -> Self {
+        let flags = &settings.flags;
+        let guard = Guard::new(
+            flags.api_key.clone(),
+            &flags.host,
+            &flags.allowed_hosts,
+            &flags.cors_origins,
+        );
+        let pool = Pool::new(backends);
+        // Every series is static and well-formed; failing to register one is a programming error.
+        let metrics = Metrics::new().expect("metrics register");
+        metrics.describe_workers(&pool);
+        AppState {
+            policy: routing::build(&settings),
+            settings: Arc::new(settings),
+            pool: Arc::new(pool),
+            metrics: Arc::new(metrics),
+            guard: Arc::new(guard),
+            shutdown: CancellationToken::new(),
+            started: Instant::now(),
+        }
+    }
+}
+
+/// The HTTP application. Everything the sidecar does not own is proxied to a worker.
+pub fn app(state: AppState) -> Router {
+    let admin_actions = Router::new()
+        .route("/admin/api/workers/{id}/restart", post(admin::restart))
+        .route("/admin/api/shutdown", post(admin::shutdown))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::admin));
+    let mut router = Router::new()
+        .route("/health", get(admin::health))
+        .route("/ready", get(admin::ready))
+        .route("/metrics", get(metrics_route))
+        .route("/v1/models", get(admin::models))
+        .route("/models", get(admin::models))
+        .route("/admin/api/workers", get(admin::workers))
+        .route("/admin/api/status", get(admin::status))
+        .merge(admin_actions)
+        .fallback(proxy::proxy)
+        .layer(middleware::from_fn_with_state(state.clone(), auth::check))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ));
+    let origins = &state.settings.flags.cors_origins;
+    if !origins.is_empty() {
+        let allow = if origins.iter().any(|o| o == "*") {
+            AllowOrigin::any()
+        } else {
+            AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+        };
+        router = router.layer(
+            CorsLayer::new()
+                .allow_origin(allow)
+                .allow_methods(tower_http::cors::Any)
+                .allow_headers(tower_http::cors::Any)
+                .expose_headers(tower_http::cors::Any),
+        );
+    }
+    router.with_state(state)
+}
+
+async fn metrics_route(State(state): State<AppState>) -> Response {
+    let text = state.metrics.render(&state.pool, &*state.policy).await;
+    Response::builder()
+        .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+        .body(text.into())
+        .unwrap_or_default()
+}
+
+/// Count every response by route and status; time the ones we answer ourselves (proxied bodies
+/// are timed by the relay when they end).
+async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = proxy::route_label(request.uri().path());
+    let response = next.run(request).await;
+    let relayed = response.headers().contains_key("x-worker-id");
+    if !relayed {
+        let m = &state.metrics;
+        m.requests
+            .with_label_values(&[route, response.status().as_str()])
+            .inc();
+        m.request_duration
+            .with_label_values(&[route])
+            .observe(started.elapsed().as_secs_f64());
+    }
+    response
+}
+
+/// Parse `args` (the first is the program name), serve until SIGINT/SIGTERM, and return the exit
+/// code. Start-up errors are one line on stderr.
+pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> i32 {
+    let config = match Config::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = e.exit_code();
+            let _ = e.print();
+            return code;
+        }
+    };
+    let result = config.validate().and_then(|settings| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("mlx-flash-sidecar")
+            .build()
+            .map_err(|source| StartError::Io {
+                what: "cannot start the async runtime".into(),
+                source,
+            })?;
+        runtime.block_on(serve(settings, shutdown_signals()))
+    });
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("mlx-flash: error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signals() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Run the sidecar: bind, start workers, serve until `signal` (or an admin shutdown), drain
+/// in-flight requests up to the grace period, stop the workers.
+pub async fn serve(
+    settings: Settings,
+    signal: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    logging::init(&settings.flags.log_level);
+    let flags = &settings.flags;
+    let address = format!("{}:{}", flags.host.trim_matches(['[', ']']), flags.port);
+    let listener = TcpListener::bind(&address)
+        .await
+        .map_err(|source| StartError::Io {
+            what: format!("cannot listen on {address}"),
+            source,
+        })?;
+    let runtime_dir = tempfile::Builder::new()
+        .prefix("mlx-flash-")
+        .tempdir()
+        .map_err(|source| StartError::Io {
+            what: "cannot create the runtime directory".into(),
+            source,
+        })?;
+    let mut backends = Vec::new();
+    for index in 0..settings.workers {
+        let socket = socket_path(runtime_dir.path(), index);
+        backends.push(Arc::new(Backend::new(
+            format!("worker-{index}"),
+            Location::Local { index, socket },
+            1.0,
+        )));
+    }
+    for (i, b) in settings.backends.iter().enumerate() {
+        let location = Location::Remote {
+            url: b.url.clone(),
+            api_key: b.api_key.clone(),
+        };
+        backends.push(Arc::new(Backend::new(
+            format!("remote-{i}"),
+            location,
+            b.weight,
+        )));
+    }
+    let grace = settings.grace_period;
+    let state = AppState::new(settings, backends);
+    let local = listener.local_addr().map_err(|source| StartError::Io {
+        what: "cannot read the listening address".into(),
+        source,
+    })?;
+    tracing::info!(host = %local.ip(), port = local.port(), url = %format!("http://{local}"),
+        workers = state.settings.workers, policy = state.policy.name(), "listening");
+
+    let stop_workers = CancellationToken::new();
+    let mut tasks = Vec::new();
+    for b in state.pool.backends() {
+        let stop = stop_workers.clone();
+        if b.is_local() {
+            let supervisor = Supervisor {
+                backend: b.clone(),
+                settings: state.settings.clone(),
+                policy: state.policy.clone(),
+                metrics: state.metrics.clone(),
+            };
+            tasks.push(tokio::spawn(supervisor.run(stop)));
+        } else {
+            tasks.push(tokio::spawn(watch_remote(
+                b.clone(),
+                state.policy.clone(),
+                stop,
+            )));
+        }
+    }
+
+    let shutdown = state.shutdown.clone();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            tokio::select! {
+                _ = signal => {}
+                _ = shutdown.cancelled() => {}
+            }
+            shutdown.cancel();
+        }
+    });
+    let server = axum::serve(
+        listener,
+        app(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let mut server = tokio::spawn(async move { server.await });
+    tokio::select! {
+        result = &mut server => {
+            if let Ok(Err(e)) = result {
+                tracing::error!(error = %e, "server stopped");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            tracing::info!(grace_seconds = grace.as_secs_f64(), "shutting down: draining in-flight requests");
+            let second_signal = shutdown_signals();
+            tokio::select! {
+                _ = &mut server => {}
+                _ = tokio::time::sleep(grace) => {
+                    tracing::warn!("grace period over; closing remaining connections");
+                }
+                _ = second_signal => {
+                    tracing::warn!("second signal; closing remaining connections now");
+                }
+            }
+            server.abort();
+        }
+    }
+    stop_workers.cancel();
+    for task in tasks {
+        let _ = task.await;
+    }
+    drop(runtime_dir);
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,281 @@
+//! Supervision of local workers: spawn `python -m mlx_flash.worker` on a private Unix socket in its
+//! own process group, wait for readiness, ping for liveness, restart with back-off up to a cap,
+//! forward its output into our log, and terminate it (and its group) on shutdown.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+use super::backend::{Backend, Location, Probe, State};
+use super::pool::MODELS_REFRESH_EVERY;
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::routing::Policy;
+
+/// Liveness ping interval.
+const PING_INTERVAL: Duration = Duration::from_secs(1);
+/// Missed pings in a row after which a worker that was answering counts as hung.
+const MISSED_PINGS: u32 = 5;
+/// A worker that never answers within this long after spawning counts as hung.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
+/// First restart delay; doubles per restart up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Restarts are counted against `--max-restarts` within this window.
+const RESTART_WINDOW: Duration = Duration::from_secs(600);
+/// Time a worker gets to exit after SIGTERM before SIGKILL.
+const TERM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything a supervisor needs.
+pub struct Supervisor {
+    /// The worker's backend entry (status, restarts).
+    pub backend: Arc<Backend>,
+    /// Flags: model, python, restarts cap.
+    pub settings: Arc<Settings>,
+    /// Told when the worker restarts (its cache is gone).
+    pub policy: Arc<dyn Policy>,
+    /// Restart counter.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Why one life of a worker ended.
+enum Ended {
+    Exited(String),
+    Hung(String),
+    RestartRequested,
+    Shutdown,
+}
+
+impl Supervisor {
+    /// Keep the worker running until `stop` is cancelled; then terminate it.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut recent_restarts: Vec<Instant> = Vec::new();
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            let started = Instant::now();
+            let ended = match self.spawn() {
+                Ok(child) => self.watch(child, &stop).await,
+                Err(e) => Ended::Exited(format!("cannot start worker: {e}")),
+            };
+            let reason = match ended {
+                Ended::Shutdown => break,
+                Ended::RestartRequested => "restart requested".to_owned(),
+                Ended::Exited(r) | Ended::Hung(r) => r,
+            };
+            self.policy.forget(&self.backend.id);
+            self.metrics
+                .worker_restarts
+                .with_label_values(&[&*self.backend.id])
+                .inc();
+            // A worker that served for a while earns a fresh back-off.
+            if started.elapsed() > RESTART_WINDOW {
+                backoff = FIRST_BACKOFF;
+            }
+            recent_restarts.retain(|t| t.elapsed() < RESTART_WINDOW);
+            recent_restarts.push(Instant::now());
+            let failed = recent_restarts.len() as u32 > self.settings.flags.max_restarts;
+            {
+                let mut status = self.backend.status();
+                status.pid = None;
+                status.restarts += 1;
+                status.last_error = Some(reason.clone());
+                status.state = if failed {
+                    State::Failed
+                } else {
+                    State::Restarting
+                };
+            }
+            if failed {
+                tracing::error!(worker = %self.backend.id, error = %reason,
+                    "worker failed too often; giving up on it");
+                stop.cancelled().await;
+                break;
+            }
+            tracing::warn!(worker = %self.backend.id, error = %reason,
+                backoff_seconds = backoff.as_secs_f64(), "worker stopped; restarting");
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        let mut status = self.backend.status();
+        status.state = State::Stopped;
+        status.pid = None;
+    }
+
+    fn spawn(&self) -> std::io::Result<Child> {
+        let Location::Local { socket, .. } = &self.backend.location else {
+            return Err(std::io::Error::other("not a local worker"));
+        };
+        let _ = std::fs::remove_file(socket);
+        let flags = &self.settings.flags;
+        let mut command = Command::new(&flags.python);
+        command
+            .args(["-m", "mlx_flash.worker", "--model", &flags.model])
+            .arg("--uds")
+            .arg(&**socket)
+            .args(["--parent-pid", &std::process::id().to_string()])
+            .args(["--log-level", &flags.log_level])
+            .args(["--max-body-bytes", &flags.max_body_bytes.to_string()])
+            // The worker is reachable only through its private socket: no key, host or port of ours.
+            .env_remove("MLX_FLASH_API_KEY")
+            .env_remove("MLX_FLASH_HOST")
+            .env_remove("MLX_FLASH_PORT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own group: a terminal's Ctrl-C reaches only us, and we stop the group in order.
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = command.spawn()?;
+        let pid = child.id();
+        tracing::info!(worker = %self.backend.id, pid = pid.unwrap_or(0), "worker started");
+        {
+            let mut status = self.backend.status();
+            status.pid = pid;
+            status.state = State::Starting;
+        }
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(forward_output(self.backend.id.clone(), out));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(forward_output(self.backend.id.clone(), err));
+        }
+        Ok(child)
+    }
+
+    /// Watch one life of the worker: exit, hang, restart request, or shutdown.
+    async fn watch(&self, mut child: Child, stop: &CancellationToken) -> Ended {
+        let spawned = Instant::now();
+        let mut answered = false;
+        let mut missed = 0u32;
+        let mut probes = 0u32;
+        let mut last_probe_error = String::new();
+        loop {
+            tokio::select! {
+                exit = child.wait() => {
+                    let how = match exit {
+                        Ok(status) => format!("worker exited ({status})"),
+                        Err(e) => format!("cannot wait for worker: {e}"),
+                    };
+                    return Ended::Exited(how);
+                }
+                _ = stop.cancelled() => {
+                    terminate(&mut child).await;
+                    return Ended::Shutdown;
+                }
+                _ = self.backend.restart.notified() => {
+                    terminate(&mut child).await;
+                    return Ended::RestartRequested;
+                }
+                _ = tokio::time::sleep(PING_INTERVAL) => {}
+            }
+            let was_ready = self.backend.status().state == State::Ready;
+            let probe = tokio::select! {
+                p = self.backend.probe(!was_ready || probes.is_multiple_of(MODELS_REFRESH_EVERY)) => p,
+                exit = child.wait() => {
+                    let how = exit.map_or_else(|e| e.to_string(), |s| s.to_string());
+                    return Ended::Exited(format!("worker exited ({how})"));
+                }
+            };
+            probes = probes.wrapping_add(1);
+            let state = match probe {
+                Probe::Ready => State::Ready,
+                Probe::Loading => State::Loading,
+                Probe::Failed(e) => {
+                    // Its model failed to load; it exits by itself, and we restart it then.
+                    last_probe_error = e;
+                    State::Loading
+                }
+                Probe::Unreachable(e) => {
+                    missed += 1;
+                    if answered && missed >= MISSED_PINGS {
+                        kill_group(&mut child).await;
+                        return Ended::Hung(format!("worker stopped answering: {e}"));
+                    }
+                    if !answered && spawned.elapsed() > STARTUP_TIMEOUT {
+                        kill_group(&mut child).await;
+                        return Ended::Hung(format!(
+                            "worker did not answer within {STARTUP_TIMEOUT:?}: {e}"
+                        ));
+                    }
+                    if answered {
+                        last_probe_error = e;
+                    }
+                    continue;
+                }
+            };
+            answered = true;
+            missed = 0;
+            let mut status = self.backend.status();
+            if status.state != state {
+                tracing::info!(worker = %self.backend.id, state = ?state, "worker state");
+            }
+            status.state = state;
+            if !last_probe_error.is_empty() {
+                status.last_error = Some(std::mem::take(&mut last_probe_error));
+            }
+        }
+    }
+}
+
+/// SIGTERM the worker's group, wait up to [`TERM_TIMEOUT`], then SIGKILL it.
+async fn terminate(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        if tokio::time::timeout(TERM_TIMEOUT, child.wait())
+            .await
+            .is_ok()
+        {
+            // Anything the worker left in its group goes too.
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            return;
+        }
+    }
+    kill_group(child).await;
+}
+
+/// SIGKILL the worker's whole group and reap it.
+async fn kill_group(child: &mut Child) {
+    if let Some(pid) = child.id() {
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    let _ = child.kill().await;
+}
+
+/// Copy a worker's output into our log, one line at a time, tagged with the worker's id.
+async fn forward_output(worker: Arc<str>, stream: impl AsyncRead + Unpin) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let entry = match serde_json::from_str::<serde_json::Value>(&line) {
+            Ok(serde_json::Value::Object(mut fields)) => {
+                fields.insert("worker".into(), worker.to_string().into());
+                serde_json::Value::Object(fields)
+            }
+            // Not one of our JSON lines (a crash trace, a library's print): keep it verbatim.
+            _ => serde_json::json!({
+                "ts": crate::logging::timestamp(),
+                "level": "info",
+                "logger": "worker.output",
+                "msg": line,
+                "worker": &*worker,
+            }),
+        };
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "{entry}");
+    }
+}
+
+/// Remove a stale socket file (a previous run's) so the worker can bind.
+pub fn socket_path(dir: &Path, index: usize) -> Arc<Path> {
+    dir.join(format!("worker-{index}.sock")).into()
+}
