@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -139,14 +140,86 @@ def run_worker(model: str, log_path: Path, *args: str, timeout: float = 120.0) -
                 proc.wait(5)
 
 
-def _wait_listening(proc: subprocess.Popen[bytes], log_path: Path, timeout: float) -> str:
+def _wait_listening(
+    proc: subprocess.Popen[bytes], log_path: Path, timeout: float, logger: str | None = None
+) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for line in log_path.read_text(errors="replace").splitlines():
-            if '"msg":"listening"' in line:
+            if '"msg":"listening"' in line and (logger is None or f'"logger":"{logger}"' in line):
                 entry = json.loads(line)
                 return f"http://{entry['host']}:{entry['port']}"
         if proc.poll() is not None:
             raise RuntimeError(f"worker exited with {proc.returncode}:\n{log_path.read_text()}")
         time.sleep(0.05)
     raise TimeoutError(f"worker did not start listening:\n{log_path.read_text()}")
+
+
+@dataclass
+class Sidecar:
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def workers(self, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """The admin API's view of the workers."""
+        r = httpx.get(f"{self.url}/admin/api/workers", headers=headers, timeout=10)
+        r.raise_for_status()
+        return list(r.json()["workers"])
+
+    def wait_ready(self, count: int, timeout: float = 120.0, headers: dict[str, str] | None = None) -> None:
+        """Wait until `count` workers are ready."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"sidecar exited with {self.process.returncode}:\n{self.log()}")
+            if sum(w["state"] == "ready" for w in self.workers(headers)) >= count:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"{count} workers not ready after {timeout}s:\n{self.log()}")
+
+
+def mlx_flash_command() -> list[str]:
+    """The installed console script, as a user runs it."""
+    return [str(Path(sys.executable).with_name("mlx-flash"))]
+
+
+@contextmanager
+def run_sidecar(log_path: Path, *args: str, workers: int = 2, timeout: float = 120.0) -> Iterator[Sidecar]:
+    """`mlx-flash serve --workers N` on a free port; waits for every worker; always cleans up."""
+    cmd = [*mlx_flash_command(), "serve", "--port", "0", "--workers", str(workers), *args]
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    pids: set[int] = set()
+    try:
+        url = _wait_listening(proc, log_path, timeout, logger="mlx_flash_sidecar")
+        sidecar = Sidecar(url, proc, log_path)
+        key = next((a.split("=", 1)[1] for a in args if a.startswith("--api-key=")), None)
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        sidecar.wait_ready(workers, timeout, headers)
+        pids = {w["pid"] for w in sidecar.workers(headers)}
+        yield sidecar
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        # Safety net only: a test asserts the sidecar itself leaves nothing behind.
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` is a running (not zombie) process."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status

@@ -23,7 +23,7 @@ use crate::routing::Policy;
 /// Liveness ping interval.
 const PING_INTERVAL: Duration = Duration::from_secs(1);
 /// Missed pings in a row after which a worker that was answering counts as hung.
-const MISSED_PINGS: u32 = 5;
+const MISSED_PINGS: u32 = 3;
 /// A worker that never answers within this long after spawning counts as hung.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
 /// First restart delay; doubles per restart up to [`MAX_BACKOFF`].
@@ -159,7 +159,6 @@ impl Supervisor {
         let mut answered = false;
         let mut missed = 0u32;
         let mut probes = 0u32;
-        let mut last_probe_error = String::new();
         loop {
             tokio::select! {
                 exit = child.wait() => {
@@ -188,14 +187,11 @@ impl Supervisor {
                 }
             };
             probes = probes.wrapping_add(1);
-            let state = match probe {
-                Probe::Ready => State::Ready,
-                Probe::Loading => State::Loading,
-                Probe::Failed(e) => {
-                    // Its model failed to load; it exits by itself, and we restart it then.
-                    last_probe_error = e;
-                    State::Loading
-                }
+            let (state, error) = match probe {
+                Probe::Ready => (State::Ready, None),
+                Probe::Loading => (State::Loading, None),
+                // Its model failed to load; it exits by itself, and is restarted then.
+                Probe::Failed(e) => (State::Loading, Some(e)),
                 Probe::Unreachable(e) => {
                     missed += 1;
                     if answered && missed >= MISSED_PINGS {
@@ -209,7 +205,13 @@ impl Supervisor {
                         ));
                     }
                     if answered {
-                        last_probe_error = e;
+                        // Route around it while it does not answer; restart it if it stays silent.
+                        let mut status = self.backend.status();
+                        if status.state != State::Unreachable {
+                            tracing::warn!(worker = %self.backend.id, error = %e, "worker missed a ping");
+                            status.state = State::Unreachable;
+                        }
+                        status.last_error = Some(e);
                     }
                     continue;
                 }
@@ -221,8 +223,8 @@ impl Supervisor {
                 tracing::info!(worker = %self.backend.id, state = ?state, "worker state");
             }
             status.state = state;
-            if !last_probe_error.is_empty() {
-                status.last_error = Some(std::mem::take(&mut last_probe_error));
+            if error.is_some() {
+                status.last_error = error;
             }
         }
     }
