@@ -17,9 +17,7 @@ from mlx_flash import __version__, _native, worker
 
 def serve(args: list[str]) -> int:
     """Run the sidecar; workers are started with this interpreter unless told otherwise."""
-    given = any(a == "--python" or a.startswith("--python=") for a in args)
-    if not given and "MLX_FLASH_PYTHON" not in os.environ:
-        args = ["--python", sys.executable, *args]
+    os.environ.setdefault("MLX_FLASH_PYTHON", sys.executable)
     try:
         return _native.serve(args)
     except KeyboardInterrupt:

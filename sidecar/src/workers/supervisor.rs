@@ -24,7 +24,7 @@ use crate::routing::Policy;
 const PING_INTERVAL: Duration = Duration::from_secs(1);
 /// Missed pings in a row after which a worker that was answering counts as hung.
 const MISSED_PINGS: u32 = 3;
-/// A worker that never answers within this long after spawning counts as hung.
+/// A worker that starts or loads without answering for this long counts as hung.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
 /// First restart delay; doubles per restart up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -155,7 +155,8 @@ impl Supervisor {
 
     /// Watch one life of the worker: exit, hang, restart request, or shutdown.
     async fn watch(&self, mut child: Child, stop: &CancellationToken) -> Ended {
-        let spawned = Instant::now();
+        // Since the last answer (or the spawn).
+        let mut silent_since = Instant::now();
         let mut answered = false;
         let mut missed = 0u32;
         let mut probes = 0u32;
@@ -194,17 +195,20 @@ impl Supervisor {
                 Probe::Failed(e) => (State::Loading, Some(e)),
                 Probe::Unreachable(e) => {
                     missed += 1;
-                    if answered && missed >= MISSED_PINGS {
+                    // A worker busy loading its model may answer slowly; only a serving one is
+                    // held to the ping count.
+                    let serving = self.backend.status().state != State::Loading;
+                    if answered && serving && missed >= MISSED_PINGS {
                         kill_group(&mut child).await;
                         return Ended::Hung(format!("worker stopped answering: {e}"));
                     }
-                    if !answered && spawned.elapsed() > STARTUP_TIMEOUT {
+                    if (!answered || !serving) && silent_since.elapsed() > STARTUP_TIMEOUT {
                         kill_group(&mut child).await;
                         return Ended::Hung(format!(
                             "worker did not answer within {STARTUP_TIMEOUT:?}: {e}"
                         ));
                     }
-                    if answered {
+                    if answered && serving {
                         // Route around it while it does not answer; restart it if it stays silent.
                         let mut status = self.backend.status();
                         if status.state != State::Unreachable {
@@ -218,6 +222,7 @@ impl Supervisor {
             };
             answered = true;
             missed = 0;
+            silent_since = Instant::now();
             let mut status = self.backend.status();
             if status.state != state {
                 tracing::info!(worker = %self.backend.id, state = ?state, "worker state");
