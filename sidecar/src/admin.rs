@@ -6,10 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use bytes::Bytes;
 use futures_util::future::join_all;
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
 use serde_json::{json, Value};
 
 use crate::error::{ApiError, ErrorKind};
@@ -67,21 +64,14 @@ pub async fn models(State(state): State<AppState>, request: axum::extract::Reque
 }
 
 async fn fetch_models(backend: &Backend) -> Option<Vec<Value>> {
-    let mut request = Request::get(backend.uri("/v1/models").ok()?);
-    if let Some(auth) = backend.authorization() {
-        request = request.header("authorization", auth);
-    }
-    let request = request.body(Full::new(Bytes::new())).ok()?;
-    let exchange = async {
-        let response = backend.client.request(request).await.ok()?;
-        let body = response.into_body().collect().await.ok()?.to_bytes();
-        let list: Value = serde_json::from_slice(&body).ok()?;
-        list.get("data")?.as_array().cloned()
-    };
-    tokio::time::timeout(Duration::from_secs(5), exchange)
+    let (status, body) = backend
+        .get("/v1/models", Duration::from_secs(5))
         .await
+        .ok()?;
+    let list: Value = serde_json::from_slice(&body)
         .ok()
-        .flatten()
+        .filter(|_| status == StatusCode::OK)?;
+    list.get("data")?.as_array().cloned()
 }
 
 fn worker_json(b: &Backend) -> Value {

@@ -3,10 +3,8 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::future::join_all;
-use http_body_util::{BodyExt, Full};
-use hyper::{Request, StatusCode};
+use hyper::StatusCode;
 use prometheus::{
     Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -184,21 +182,8 @@ async fn scrape(backend: &std::sync::Arc<Backend>) -> Option<String> {
     if !matches!(backend.status().state, State::Ready | State::Loading) {
         return None;
     }
-    let mut request = Request::get(backend.uri("/metrics").ok()?);
-    if let Some(auth) = backend.authorization() {
-        request = request.header("authorization", auth);
-    }
-    let request = request.body(Full::new(Bytes::new())).ok()?;
-    let exchange = async {
-        let response = backend.client.request(request).await.ok()?;
-        if response.status() != StatusCode::OK {
-            return None;
-        }
-        let body = response.into_body().collect().await.ok()?.to_bytes();
-        String::from_utf8(body.to_vec()).ok()
-    };
-    tokio::time::timeout(SCRAPE_TIMEOUT, exchange)
-        .await
-        .ok()
+    let (status, body) = backend.get("/metrics", SCRAPE_TIMEOUT).await.ok()?;
+    (status == StatusCode::OK)
+        .then(|| String::from_utf8(body.to_vec()).ok())
         .flatten()
 }

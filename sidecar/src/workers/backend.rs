@@ -166,11 +166,6 @@ impl Backend {
         matches!(self.location, Location::Local { .. })
     }
 
-    /// The process id of a local worker, if running.
-    pub fn pid(&self) -> Option<u32> {
-        self.status().pid
-    }
-
     /// Ask the backend how it is, and record the answer. Returns whether it answered at all.
     pub async fn probe(&self, refresh_models: bool) -> Probe {
         let health = match self.get_json("/health").await {
@@ -210,6 +205,12 @@ impl Backend {
     }
 
     async fn get_json(&self, path: &str) -> Result<(StatusCode, Value), String> {
+        let (status, body) = self.get(path, PROBE_TIMEOUT).await?;
+        Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
+    }
+
+    /// GET `path` (with this backend's key) and read the whole body, within `timeout`.
+    pub async fn get(&self, path: &str, timeout: Duration) -> Result<(StatusCode, Bytes), String> {
         let uri = self.uri(path).map_err(|e| e.to_string())?;
         let mut request = Request::builder().method(Method::GET).uri(uri);
         if let Some(auth) = self.authorization() {
@@ -233,11 +234,11 @@ impl Backend {
                 .await
                 .map_err(|e| format!("{path}: {e}"))?
                 .to_bytes();
-            Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
+            Ok((status, body))
         };
-        tokio::time::timeout(PROBE_TIMEOUT, exchange)
+        tokio::time::timeout(timeout, exchange)
             .await
-            .unwrap_or_else(|_| Err(format!("{path}: no answer within {PROBE_TIMEOUT:?}")))
+            .unwrap_or_else(|_| Err(format!("{path}: no answer within {timeout:?}")))
     }
 }
 
