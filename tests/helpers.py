@@ -84,7 +84,9 @@ def _scaled(params: Any, factor: float) -> Any:
 
 
 @dataclass
-class Worker:
+class Server:
+    """A server process we started, and where its log goes."""
+
     url: str
     process: subprocess.Popen[bytes]
     log_path: Path
@@ -92,6 +94,8 @@ class Worker:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+
+class Worker(Server):
     @property
     def model_id(self) -> str:
         return str(httpx.get(f"{self.url}/v1/models", timeout=10).json()["data"][0]["id"])
@@ -155,15 +159,7 @@ def _wait_listening(
     raise TimeoutError(f"worker did not start listening:\n{log_path.read_text()}")
 
 
-@dataclass
-class Sidecar:
-    url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
+class Sidecar(Server):
     def workers(self, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """The admin API's view of the workers."""
         r = httpx.get(f"{self.url}/admin/api/workers", headers=headers, timeout=10)
