@@ -28,6 +28,7 @@ use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use clap::Parser;
 use tokio::net::TcpListener;
@@ -209,6 +210,20 @@ async fn shutdown_signals() {
     }
 }
 
+/// Every proxied stream holds two sockets; allow thousands (macOS starts processes at 256).
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    // macOS refuses more than kern.maxfilesperproc even when the hard limit says "unlimited".
+    for want in [hard.min(65_536), hard.min(10_240)] {
+        if want <= soft || setrlimit(Resource::RLIMIT_NOFILE, want, hard).is_ok() {
+            return;
+        }
+    }
+}
+
 /// Run the sidecar: bind, start workers, serve until `signal` (or an admin shutdown), drain
 /// in-flight requests up to the grace period, stop the workers.
 pub async fn serve(
@@ -257,8 +272,14 @@ pub async fn serve(
         what: "cannot read the listening address".into(),
         source,
     })?;
-    tracing::info!(host = %local.ip(), port = local.port(), url = %format!("http://{local}"),
-        workers = state.settings.workers, policy = state.policy.name(), "listening");
+    // Always logged, whatever the level: with --port 0 it is how callers learn the port.
+    logging::always(
+        "listening",
+        serde_json::json!({"host": local.ip().to_string(), "port": local.port(),
+            "url": format!("http://{local}"), "workers": state.settings.workers,
+            "policy": state.policy.name()}),
+    );
+    raise_open_files_limit();
 
     let stop_workers = CancellationToken::new();
     let mut tasks = Vec::new();
@@ -291,6 +312,10 @@ pub async fn serve(
             }
             shutdown.cancel();
         }
+    });
+    // Each SSE chunk must leave at once, not wait for Nagle's algorithm and a delayed ACK (~40 ms).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
     });
     let server = axum::serve(
         listener,

@@ -2,6 +2,7 @@
 //! `msg`, then fields), so one log stream reads the same from either side.
 
 use std::fmt;
+use std::io::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
@@ -25,6 +26,20 @@ pub fn init(level: &str) {
         .with_writer(std::io::stderr)
         .event_format(JsonLine)
         .try_init();
+}
+
+/// Write one info line regardless of the log level (start-up facts callers depend on).
+pub fn always(msg: &str, fields: Value) {
+    let mut entry = Map::new();
+    entry.insert("ts".into(), timestamp().into());
+    entry.insert("level".into(), "info".into());
+    entry.insert("logger".into(), "mlx_flash_sidecar".into());
+    entry.insert("msg".into(), msg.into());
+    if let Value::Object(fields) = fields {
+        entry.extend(fields);
+    }
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{}", Value::Object(entry));
 }
 
 /// Formats one event as one JSON object.

@@ -21,6 +21,8 @@ use tokio::net::{TcpStream, UnixStream};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Close pooled connections idle this long.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle connections kept per backend; a burst beyond this closes its extra connections when done.
+pub const MAX_IDLE: usize = 64;
 
 /// The pooled HTTP/1 client for one backend.
 pub type UpstreamClient = Client<Connector, Full<Bytes>>;
@@ -29,6 +31,7 @@ pub type UpstreamClient = Client<Connector, Full<Bytes>>;
 pub fn client(socket: Option<Arc<Path>>) -> UpstreamClient {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(IDLE_TIMEOUT)
+        .pool_max_idle_per_host(MAX_IDLE)
         .pool_timer(TokioTimer::new())
         .build(Connector { socket })
 }
