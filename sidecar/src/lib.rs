@@ -32,6 +32,7 @@ use axum::serve::ListenerExt;
 use axum::Router;
 use clap::Parser;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
@@ -224,6 +225,45 @@ fn raise_open_files_limit() {
     }
 }
 
+/// Local workers (on sockets in `runtime_dir`) first, then remote backends.
+fn backends(settings: &Settings, runtime_dir: &std::path::Path) -> Vec<Arc<Backend>> {
+    let local = (0..settings.workers).map(|index| {
+        let socket = socket_path(runtime_dir, index);
+        Backend::new(
+            format!("worker-{index}"),
+            Location::Local { index, socket },
+            1.0,
+        )
+    });
+    let remote = settings.backends.iter().enumerate().map(|(i, b)| {
+        let location = Location::Remote {
+            url: b.url.clone(),
+            api_key: b.api_key.clone(),
+        };
+        Backend::new(format!("remote-{i}"), location, b.weight)
+    });
+    local.chain(remote).map(Arc::new).collect()
+}
+
+/// A supervisor per local worker and a prober per remote backend, until `stop`.
+fn watch_backends(state: &AppState, stop: &CancellationToken) -> Vec<JoinHandle<()>> {
+    let watch = |b: &Arc<Backend>| {
+        let stop = stop.clone();
+        if b.is_local() {
+            let supervisor = Supervisor {
+                backend: b.clone(),
+                settings: state.settings.clone(),
+                policy: state.policy.clone(),
+                metrics: state.metrics.clone(),
+            };
+            tokio::spawn(supervisor.run(stop))
+        } else {
+            tokio::spawn(watch_remote(b.clone(), state.policy.clone(), stop))
+        }
+    };
+    state.pool.backends().iter().map(watch).collect()
+}
+
 /// Run the sidecar: bind, start workers, serve until `signal` (or an admin shutdown), drain
 /// in-flight requests up to the grace period, stop the workers.
 pub async fn serve(
@@ -246,26 +286,7 @@ pub async fn serve(
             what: "cannot create the runtime directory".into(),
             source,
         })?;
-    let mut backends = Vec::new();
-    for index in 0..settings.workers {
-        let socket = socket_path(runtime_dir.path(), index);
-        backends.push(Arc::new(Backend::new(
-            format!("worker-{index}"),
-            Location::Local { index, socket },
-            1.0,
-        )));
-    }
-    for (i, b) in settings.backends.iter().enumerate() {
-        let location = Location::Remote {
-            url: b.url.clone(),
-            api_key: b.api_key.clone(),
-        };
-        backends.push(Arc::new(Backend::new(
-            format!("remote-{i}"),
-            location,
-            b.weight,
-        )));
-    }
+    let backends = backends(&settings, runtime_dir.path());
     let grace = settings.grace_period;
     let state = AppState::new(settings, backends);
     let local = listener.local_addr().map_err(|source| StartError::Io {
@@ -282,25 +303,7 @@ pub async fn serve(
     raise_open_files_limit();
 
     let stop_workers = CancellationToken::new();
-    let mut tasks = Vec::new();
-    for b in state.pool.backends() {
-        let stop = stop_workers.clone();
-        if b.is_local() {
-            let supervisor = Supervisor {
-                backend: b.clone(),
-                settings: state.settings.clone(),
-                policy: state.policy.clone(),
-                metrics: state.metrics.clone(),
-            };
-            tasks.push(tokio::spawn(supervisor.run(stop)));
-        } else {
-            tasks.push(tokio::spawn(watch_remote(
-                b.clone(),
-                state.policy.clone(),
-                stop,
-            )));
-        }
-    }
+    let tasks = watch_backends(&state, &stop_workers);
 
     let shutdown = state.shutdown.clone();
     tokio::spawn({
