@@ -33,6 +33,7 @@ lint: install-dev
 bench: install-dev
 	$(BIN)/python bench/single_stream.py $(ARGS)
 	$(BIN)/python bench/demo_skills.py
+	$(BIN)/python bench/sidecar_overhead.py
 	$(BIN)/python bench/report.py --write README.md
 
 clean:

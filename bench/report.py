@@ -98,9 +98,78 @@ def demo_skills(result: dict[str, Any], source: str) -> str:
     return "\n".join(rows)
 
 
+def sidecar_overhead(result: dict[str, Any], source: str) -> str:
+    lat, tp, pc, bs = result["latency"], result["throughput"], result["per_chunk"], result["burst_stream"]
+    held, mem, checks = result["hold"], result["memory"], result["results"]
+
+    def target(name: str, text: str) -> str:
+        return f"{text}: {'met' if checks[name]['pass'] else '**missed**'}"
+
+    def row(what: str, m: dict[str, float], goal: str = "") -> str:
+        sides = " | ".join(f"{m[side]:.3f} ms" for side in ("direct", "bare", "sidecar"))
+        return (
+            f"| {what} | {sides} | {m['sidecar_minus_direct']:+.3f} ms | "
+            f"{m['sidecar_minus_bare']:+.3f} ms | {goal} |"
+        )
+
+    rate = f"{lat['requested_rate']:,.0f} req/s"
+    rounds = len(lat["rounds"])
+    open_loop_s = rounds * 3 * float(result["settings"]["open_seconds"])
+    rps = tp["median"]["requests_per_s"]
+    chunks = f"{pc['chunks']:,}-chunk SSE stream"
+    cpu = lat["cpu_us_per_request"]
+    rows = [
+        "| measurement | direct to the mock | bare proxy | through the sidecar | sidecar − direct "
+        "| sidecar − bare | target (on sidecar − direct) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+        row(
+            f"latency p50, open loop at {rate}",
+            lat["median"]["p50_ms"],
+            target("added_p50_ms", "≤ 0.2 ms added"),
+        ),
+        row(
+            f"latency p99, open loop at {rate}",
+            lat["median"]["p99_ms"],
+            target("added_p99_ms", "≤ 1 ms added"),
+        ),
+        f"| max throughput, closed loop, {tp['connections']} connections | {rps['direct']:,.0f} req/s "
+        f"| {rps['bare']:,.0f} req/s | {rps['sidecar']:,.0f} req/s | ×{rps['sidecar_over_direct']:.2f} "
+        f"| ×{rps['sidecar_over_bare']:.2f} | |",
+        row(f"per-chunk trip p50, {chunks}, {pc['interval_ms']:g} ms apart", pc["median"]["trip_p50_ms"]),
+        row(f"per-chunk trip p99, {chunks}, {pc['interval_ms']:g} ms apart", pc["median"]["trip_p99_ms"]),
+        row(f"whole {chunks}, chunks back to back", bs["median"]["total_ms"]),
+        row(
+            f"first chunk of a stream (median of {result['first_chunk']['streams_per_run']} per run)",
+            result["first_chunk"]["median"]["first_chunk_p50_ms"],
+        ),
+        f"| CPU per request at {rate} (the mock / the proxy's own process) | {cpu['mock']:.0f} µs "
+        f"| {cpu['bare']:.0f} µs | {cpu['sidecar']:.0f} µs | | | |",
+        f"| slow streams held open at once ({held['chunks_per_stream']} chunks, {held['interval_ms']:g} ms "
+        f"apart) | | | {held['succeeded']:,} of {held['streams']:,} | | | "
+        f"{target('concurrent_streams', '≥ 1,000')} |",
+        f"| sidecar RSS: idle / under load / holding the streams | | | {mem['idle']['rss_mb']:.1f} / "
+        f"{mem['under_load_max_rss_mb']:.1f} / {held['max_rss_mb']:.1f} MB | | | "
+        f"{target('rss_holding_streams_mb', '≤ 50 MB')} |",
+        "",
+        f"Medians of {rounds} rounds (direct, bare proxy, sidecar, in turn) after a warm-up; the differences "
+        "are medians of the per-round differences (throughput: ratios). The bare proxy (`bare-proxy`) is "
+        "the sidecar's stack (axum, hyper's pooled client, TCP_NODELAY both ways, the response streamed "
+        "back) with no auth, routing, metrics or parsing: bare − direct is the cost of one more hop on this "
+        "machine, sidecar − bare the sidecar's own work. Mock worker, both proxies and the load generator "
+        "share the machine's cores"
+        f" (open loop: slowest run sent {lat['min_achieved_send_rate']:,.0f} req/s; "
+        f"rate {'held' if lat['rate_sustained'] else '**not held**'}; CPU time lost to the VM host during "
+        f"the latency rounds: {lat['steal_s']:.1f} CPU-s over {open_loop_s:.0f} s). "
+        f"{_machine(result['machine'])}; {result.get('started', '')}. "
+        f"Source: `{source}`, made by `{_command(result)}`.",
+    ]
+    return "\n".join(rows)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any], str], str]] = {
     "single_stream": single_stream,
     "demo_skills": demo_skills,
+    "sidecar_overhead": sidecar_overhead,
 }
 
 
