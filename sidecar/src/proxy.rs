@@ -88,7 +88,11 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Response 
         }
         Err(e) => return fail(ErrorKind::BadBody(e.to_string())),
     };
-    let info = RouteInfo::from_request(&parts.headers, &body);
+    let mut info = RouteInfo::from_request(&parts.headers, &body);
+    if info.model.is_none() {
+        // `GET /v1/models/{id}` names its model in the path: ask a worker that serves it.
+        info.model = path_model(&path);
+    }
     let request_id = match parts.headers.get("x-request-id") {
         Some(id) => id.clone(),
         None => {
@@ -191,6 +195,14 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Response 
     }
 }
 
+fn path_model(path: &str) -> Option<String> {
+    let id = path
+        .strip_prefix("/v1")
+        .unwrap_or(path)
+        .strip_prefix("/models/")?;
+    (!id.is_empty()).then(|| id.to_owned())
+}
+
 fn build_upstream(
     backend: &crate::workers::backend::Backend,
     parts: &axum::http::request::Parts,
@@ -245,6 +257,14 @@ mod tests {
         assert_eq!(route_label("/api/chat"), "/api/chat");
         assert_eq!(route_label("/v1/../../etc/passwd"), "other");
         assert_eq!(route_label("/"), "/");
+    }
+
+    #[test]
+    fn model_from_the_path() {
+        assert_eq!(path_model("/v1/models/demo").as_deref(), Some("demo"));
+        assert_eq!(path_model("/models/org/name").as_deref(), Some("org/name"));
+        assert_eq!(path_model("/v1/models/"), None);
+        assert_eq!(path_model("/v1/chat/completions"), None);
     }
 
     #[test]
