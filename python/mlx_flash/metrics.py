@@ -36,6 +36,12 @@ INTER_TOKEN_SECONDS = Histogram(
     ["model"],
     buckets=TOKEN_BUCKETS,
 )
+BATCH_SIZE = Histogram(
+    "mlx_flash_batch_size",
+    "Sequences decoded together per step of the continuous batch",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 PROMPT_TOKENS = Counter("mlx_flash_prompt_tokens", "Prompt tokens processed", ["model"])
 GENERATION_TOKENS = Counter("mlx_flash_generation_tokens", "Tokens generated", ["model"])
 MODEL_WEIGHT_BYTES = Gauge("mlx_flash_model_weight_bytes", "Weight bytes of loaded models", ["model"])

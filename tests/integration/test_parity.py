@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
@@ -65,3 +66,34 @@ def test_demo_model_greedy_matches_mlx_lm_generate(demo_worker: Worker) -> None:
             temperature=0,
         )
         assert got.choices[0].message.content == expected
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
+def test_concurrent_requests_in_one_batch_match_their_solo_output(
+    arch: str, workers: dict[str, Worker], model_path: dict[str, Path]
+) -> None:
+    """8 different prompts at once (one continuous batch): each equals mlx_lm.generate alone."""
+    model, tokenizer = load(str(model_path[arch]))
+    prompts = [f"{p} {i}" for i, p in enumerate(PROMPTS * 2)]
+    expected = [generate(model, tokenizer, p, max_tokens=MAX_TOKENS) for p in prompts]
+
+    def steps_with_company() -> float:
+        """Decode steps that ran more than one sequence."""
+        w, m = workers[arch], str(model_path[arch])
+        return w.metric("mlx_flash_batch_size_count", 0.0, model=m) - w.metric(
+            "mlx_flash_batch_size_bucket", 0.0, le="1.0", model=m
+        )
+
+    before = steps_with_company()
+    url = f"{workers[arch].url}/v1"
+    with openai.OpenAI(base_url=url, api_key="unused", max_retries=0) as c, ThreadPoolExecutor(8) as pool:
+
+        def complete(prompt: str) -> str:
+            r = c.completions.create(
+                model=str(model_path[arch]), prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
+            )
+            return r.choices[0].text
+
+        got = list(pool.map(complete, prompts))
+    assert got == expected
+    assert steps_with_company() > before, "the requests never shared a decode step"

@@ -1,12 +1,15 @@
 """One engine thread per model: requests arrive on a queue, tokens leave as events.
 
 Async handlers never touch MLX; they submit a `GenerationRequest` and iterate the handle's events.
-Generation is sequential for now; continuous batching replaces `_generate` behind the same seam.
+The engine thread runs every request of its model in one continuous batch (mlx-lm's
+`BatchGenerator`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import queue
 import threading
@@ -14,8 +17,9 @@ import time
 from collections.abc import AsyncIterator
 
 import mlx.core as mx
-from mlx_lm.generate import stream_generate
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.generate import BatchGenerator, GenerationBatch
+from mlx_lm.sample_utils import LogitsProcessor, Sampler, make_logits_processors, make_sampler
+from prometheus_client import Gauge
 
 from mlx_flash import metrics
 from mlx_flash.engine.logprobs import TokenBytes, token_logprob
@@ -25,6 +29,7 @@ from mlx_flash.engine.request import (
     Finished,
     FinishReason,
     GenerationRequest,
+    SamplingParams,
     TextDelta,
     TokenLogprob,
 )
@@ -70,8 +75,16 @@ class RequestHandle:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel) -> None:
+    """Continuous batching over mlx-lm's `BatchGenerator` on one thread per model.
+
+    Requests join the batch as they arrive and leave at token boundaries; long prompts are prefilled
+    in chunks of `prefill_step` tokens between decode steps, so running streams keep flowing.
+    """
+
+    def __init__(self, loaded: LoadedModel, max_batch: int = 32, prefill_step: int = 512) -> None:
         self.loaded = loaded
+        self.max_batch = max_batch
+        self.prefill_step = prefill_step
         self._token_bytes = TokenBytes(loaded.tokenizer)
         self.vocab_size = int(loaded.config.get("vocab_size") or len(loaded.tokenizer))
         self._jobs: queue.Queue[RequestHandle | None] = queue.Queue()
@@ -89,78 +102,178 @@ class Engine:
         self._jobs.put(None)
         self._thread.join(timeout)
 
+    def _new_generator(self) -> BatchGenerator:
+        return BatchGenerator(
+            self.loaded.model,
+            stop_tokens=[[t] for t in self.loaded.tokenizer.eos_token_ids],
+            completion_batch_size=self.max_batch,
+            prefill_batch_size=min(8, self.max_batch),
+            prefill_step_size=self.prefill_step,
+        )
+
     def _run(self) -> None:
-        while (handle := self._jobs.get()) is not None:
+        generator = self._new_generator()
+        streams: dict[int, _Stream] = {}
+        batch_size = metrics.BATCH_SIZE.labels(model=self.loaded.id)
+        while True:
+            # Block only when idle; otherwise take whatever arrived and keep the batch moving.
+            jobs = [] if streams else [self._jobs.get()]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    jobs.append(self._jobs.get_nowait())
+            for handle in jobs:
+                if handle is None:
+                    for stream in streams.values():
+                        stream.fail("the server is shutting down")
+                    generator.close()  # type: ignore[no-untyped-call]
+                    return
+                self._admit(generator, streams, handle)
+            gone = [uid for uid, stream in streams.items() if stream.handle.cancelled]
+            if gone:
+                generator.remove(gone)  # type: ignore[no-untyped-call]
+                for uid in gone:
+                    streams.pop(uid).close()
+            if not streams:
+                continue
             try:
-                if not handle.cancelled:
-                    self._generate(handle)
+                _, responses = generator.next()  # type: ignore[no-untyped-call]
+                if responses:
+                    batch_size.observe(len(responses))
+                finished = [r.uid for r in responses if streams[r.uid].step(r)]
             except Exception:
                 log.exception("generation failed", extra={"model": self.loaded.id})
-                handle.emit(Failed("internal error during generation"))
-            finally:
-                self._in_flight.dec()
+                for stream in streams.values():
+                    stream.fail("internal error during generation")
+                streams.clear()
+                generator.close()  # type: ignore[no-untyped-call]
+                generator = self._new_generator()
+                continue
+            # A stop string ends a request the generator still considers running.
+            running = [uid for uid in finished if uid in streams and streams[uid].running]
+            if running:
+                generator.remove(running)  # type: ignore[no-untyped-call]
+            for uid in finished:
+                streams.pop(uid).close()
 
-    def _generate(self, handle: RequestHandle) -> None:
-        req, model_id = handle.request, self.loaded.id
-        s = req.sampling
-        if s.seed is not None:
-            mx.random.seed(s.seed)
-        sampler = make_sampler(
-            temp=s.temperature, top_p=s.top_p if s.top_p < 1.0 else 0.0, min_p=s.min_p, top_k=s.top_k
-        )
-        processors = make_logits_processors(
-            logit_bias=s.logit_bias or None,
-            repetition_penalty=s.repetition_penalty,
-            presence_penalty=s.presence_penalty,
-            presence_context_size=PENALTY_CONTEXT,
-            frequency_penalty=s.frequency_penalty,
-            frequency_context_size=PENALTY_CONTEXT,
-        )
+    def _admit(self, generator: BatchGenerator, streams: dict[int, _Stream], handle: RequestHandle) -> None:
+        if handle.cancelled:
+            self._in_flight.dec()
+            return
+        req = handle.request
+        try:
+            (uid,) = generator.insert(
+                [req.prompt_tokens],
+                max_tokens=[req.max_tokens],
+                # None entries take the generator's shared greedy sampler (mlx-lm's own normalisation).
+                samplers=[_sampler(req.sampling)],  # type: ignore[list-item]
+                logits_processors=[_logits_processors(req.sampling)],
+            )
+        except Exception:
+            log.exception("could not start generation", extra={"model": self.loaded.id})
+            handle.emit(Failed("internal error during generation"))
+            self._in_flight.dec()
+            return
+        model_id = self.loaded.id
         metrics.QUEUE_SECONDS.labels(model=model_id).observe(time.perf_counter() - handle.submitted)
         metrics.PROMPT_TOKENS.labels(model=model_id).inc(len(req.prompt_tokens))
+        streams[uid] = _Stream(handle, self, self._in_flight)
+
+
+def _sampler(s: SamplingParams) -> Sampler | None:
+    """mlx-lm's sampler for these parameters; None (the batch's shared greedy sampler) for greedy."""
+    if s.temperature == 0:
+        return None
+    inner = make_sampler(
+        temp=s.temperature, top_p=s.top_p if s.top_p < 1.0 else 0.0, min_p=s.min_p, top_k=s.top_k
+    )
+    if s.seed is None:
+        return inner
+    # The random state is global and the batch is shared: reseed from (seed, step) before each
+    # draw, so a seeded request samples the same tokens whatever else runs beside it.
+    steps = itertools.count()
+
+    def seeded(logprobs: mx.array) -> mx.array:
+        mx.random.seed((s.seed or 0) * 1_000_003 + next(steps))
+        return inner(logprobs)
+
+    return seeded
+
+
+def _logits_processors(s: SamplingParams) -> list[LogitsProcessor]:
+    return make_logits_processors(
+        logit_bias=s.logit_bias or None,
+        repetition_penalty=s.repetition_penalty,
+        presence_penalty=s.presence_penalty,
+        presence_context_size=PENALTY_CONTEXT,
+        frequency_penalty=s.frequency_penalty,
+        frequency_context_size=PENALTY_CONTEXT,
+    )
+
+
+class _Stream:
+    """One request in the batch: detokenizes its tokens, applies stop strings, emits events."""
+
+    def __init__(self, handle: RequestHandle, engine: Engine, in_flight: Gauge) -> None:
+        model_id = engine.loaded.id
+        self.handle = handle
+        self.running = True
+        self._engine = engine
+        self._in_flight = in_flight
+        self._detokenizer = engine.loaded.tokenizer.detokenizer
+        self._matcher: StopMatcher[TokenLogprob | None] = StopMatcher(handle.request.stop)
+        self._completion = 0
+        self._last = 0.0
         # Label lookups cost a lock and a dict each; resolve them once, not once per token.
-        generated = metrics.GENERATION_TOKENS.labels(model=model_id)
-        inter_token = metrics.INTER_TOKEN_SECONDS.labels(model=model_id)
-        matcher: StopMatcher[TokenLogprob | None] = StopMatcher(req.stop)
-        reason: FinishReason = "length"
-        completion = 0
-        last = 0.0
-        responses = stream_generate(
-            self.loaded.model,
-            self.loaded.tokenizer,
-            mx.array(req.prompt_tokens),
-            max_tokens=req.max_tokens,
-            sampler=sampler,
-            logits_processors=processors,
-        )
-        for resp in responses:
-            if handle.cancelled:  # the client went away: stop within one token
-                break
-            now = time.perf_counter()
-            if last:
-                inter_token.observe(now - last)
-            else:
-                metrics.TTFT_SECONDS.labels(model=model_id).observe(now - handle.submitted)
-            last = now
-            item = None
-            if resp.finish_reason != "stop":  # "stop" here means EOS, which is not output
-                completion += 1
-                generated.inc()
-                if req.logprobs:
-                    item = token_logprob(
-                        resp.logprobs, resp.token, resp.text, req.top_logprobs, self._token_bytes
-                    )
-            pieces, stopped = matcher.push(resp.text, item)
-            _emit(handle, pieces)
-            if stopped:
-                reason = "stop"
-                break
-            if resp.finish_reason is not None:
-                reason = "stop" if resp.finish_reason == "stop" else "length"
+        self._generated = metrics.GENERATION_TOKENS.labels(model=model_id)
+        self._inter_token = metrics.INTER_TOKEN_SECONDS.labels(model=model_id)
+        self._ttft = metrics.TTFT_SECONDS.labels(model=model_id)
+
+    def step(self, r: GenerationBatch.Response) -> bool:
+        """Take one generated token; True when this request is done."""
+        if self.handle.cancelled:  # the client went away: stop within one token
+            return True
+        req = self.handle.request
+        now = time.perf_counter()
+        if self._last:
+            self._inter_token.observe(now - self._last)
         else:
-            _emit(handle, matcher.flush())
-        responses.close()
-        handle.emit(Finished(reason, len(req.prompt_tokens), completion))
+            self._ttft.observe(now - self.handle.submitted)
+        self._last = now
+        item = None
+        detok = self._detokenizer
+        if r.finish_reason == "stop":  # an end-of-sequence token: never part of the output
+            detok.finalize()
+        else:
+            detok.add_token(r.token)
+            if r.finish_reason == "length":
+                detok.finalize()
+            self._completion += 1
+            self._generated.inc()
+        text = detok.last_segment
+        if r.finish_reason != "stop" and req.logprobs:
+            item = token_logprob(r.logprobs, r.token, text, req.top_logprobs, self._engine._token_bytes)
+        pieces, stopped = self._matcher.push(text, item)
+        _emit(self.handle, pieces)
+        if stopped:
+            self._finish("stop")
+            return True
+        if r.finish_reason is not None:
+            self.running = False
+            _emit(self.handle, self._matcher.flush())
+            self._finish("stop" if r.finish_reason == "stop" else "length")
+            return True
+        return False
+
+    def _finish(self, reason: FinishReason) -> None:
+        req = self.handle.request
+        self.handle.emit(Finished(reason, len(req.prompt_tokens), self._completion))
+
+    def fail(self, message: str) -> None:
+        self.handle.emit(Failed(message))
+        self.close()
+
+    def close(self) -> None:
+        self._in_flight.dec()
 
 
 def _emit(handle: RequestHandle, pieces: list[Piece[TokenLogprob | None]]) -> None:
