@@ -42,6 +42,16 @@ BATCH_SIZE = Histogram(
     ["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
+PREFIX_CACHE_HITS = Counter(
+    "mlx_flash_prefix_cache_hits", "Requests that reused a cached prompt prefix", ["model", "tier"]
+)
+PREFIX_CACHE_MISSES = Counter("mlx_flash_prefix_cache_misses", "Requests with no cached prefix", ["model"])
+PREFIX_CACHE_TOKENS = Counter(
+    "mlx_flash_prefix_cache_tokens_reused", "Prompt tokens served from the prefix cache", ["model", "tier"]
+)
+PREFIX_CACHE_BYTES = Gauge(
+    "mlx_flash_prefix_cache_bytes", "Bytes held by the prefix cache", ["model", "tier"]
+)
 PROMPT_TOKENS = Counter("mlx_flash_prompt_tokens", "Prompt tokens processed", ["model"])
 GENERATION_TOKENS = Counter("mlx_flash_generation_tokens", "Tokens generated", ["model"])
 MODEL_WEIGHT_BYTES = Gauge("mlx_flash_model_weight_bytes", "Weight bytes of loaded models", ["model"])

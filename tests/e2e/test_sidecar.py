@@ -37,8 +37,10 @@ def direct(sidecar: Sidecar, worker_id: str) -> httpx.Client:
 
 
 def normalized(sse: bytes) -> bytes:
-    """Per-request values (completion id, timestamp) differ between two requests; nothing else may."""
+    """Per-request values differ between two requests (completion id, timestamp, and the prefix
+    cache's share of the prompt, since the second request finds the first one's); nothing else may."""
     sse = re.sub(rb'"id":"chatcmpl-[0-9a-f]+"', b'"id":"X"', sse)
+    sse = re.sub(rb'"cached_tokens":\d+', b'"cached_tokens":0', sse)
     return re.sub(rb'"created":\d+', b'"created":0', sse)
 
 

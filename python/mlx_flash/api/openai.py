@@ -201,7 +201,7 @@ def usage(fin: Finished) -> dict[str, Any]:
         "prompt_tokens": fin.prompt_tokens,
         "completion_tokens": fin.completion_tokens,
         "total_tokens": fin.prompt_tokens + fin.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": fin.cached_tokens},
     }
 
 

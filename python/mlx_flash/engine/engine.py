@@ -23,6 +23,7 @@ from prometheus_client import Gauge
 
 from mlx_flash import metrics
 from mlx_flash.engine.logprobs import TokenBytes, token_logprob
+from mlx_flash.engine.prefix_cache import PrefixCache
 from mlx_flash.engine.request import (
     Event,
     Failed,
@@ -37,6 +38,8 @@ from mlx_flash.engine.stops import Piece, StopMatcher
 from mlx_flash.models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
 
 # Presence/frequency penalties look at the whole sequence, as OpenAI's do; mlx-lm defaults to 20.
 PENALTY_CONTEXT = 1 << 30
@@ -81,8 +84,15 @@ class Engine:
     in chunks of `prefill_step` tokens between decode steps, so running streams keep flowing.
     """
 
-    def __init__(self, loaded: LoadedModel, max_batch: int = 32, prefill_step: int = 512) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        max_batch: int = 32,
+        prefill_step: int = 512,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+    ) -> None:
         self.loaded = loaded
+        self.prefix_cache = PrefixCache(loaded.id, prefix_cache_bytes)
         self.max_batch = max_batch
         self.prefill_step = prefill_step
         self._token_bytes = TokenBytes(loaded.tokenizer)
@@ -130,7 +140,7 @@ class Engine:
                 self._admit(generator, streams, handle)
             gone = [uid for uid, stream in streams.items() if stream.handle.cancelled]
             if gone:
-                generator.remove(gone)  # type: ignore[no-untyped-call]
+                self._remove(generator, gone)
                 for uid in gone:
                     streams.pop(uid).close()
             if not streams:
@@ -140,6 +150,9 @@ class Engine:
                 if responses:
                     batch_size.observe(len(responses))
                 finished = [r.uid for r in responses if streams[r.uid].step(r)]
+                for r in responses:
+                    if r.finish_reason is not None:
+                        self.prefix_cache.store(r.all_tokens, r.prompt_cache)
             except Exception:
                 log.exception("generation failed", extra={"model": self.loaded.id})
                 for stream in streams.values():
@@ -151,19 +164,29 @@ class Engine:
             # A stop string ends a request the generator still considers running.
             running = [uid for uid in finished if uid in streams and streams[uid].running]
             if running:
-                generator.remove(running)  # type: ignore[no-untyped-call]
+                self._remove(generator, running)
             for uid in finished:
                 streams.pop(uid).close()
+
+    def _remove(self, generator: BatchGenerator, uids: list[int]) -> None:
+        """Take requests out of the batch, keeping what they computed for the prefix cache."""
+        caches = generator.remove(uids, return_prompt_caches=True)  # type: ignore[no-untyped-call]
+        for cache, tokens in caches.values():
+            self.prefix_cache.store(tokens, cache)
 
     def _admit(self, generator: BatchGenerator, streams: dict[int, _Stream], handle: RequestHandle) -> None:
         if handle.cancelled:
             self._in_flight.dec()
             return
         req = handle.request
+        cache, rest = self.prefix_cache.fetch(req.prompt_tokens)
+        cached = len(req.prompt_tokens) - len(rest)
         try:
             (uid,) = generator.insert(
-                [req.prompt_tokens],
+                [rest],
                 max_tokens=[req.max_tokens],
+                caches=[cache] if cache is not None else None,
+                all_tokens=[req.prompt_tokens[:cached]],
                 # None entries take the generator's shared greedy sampler (mlx-lm's own normalisation).
                 samplers=[_sampler(req.sampling)],  # type: ignore[list-item]
                 logits_processors=[_logits_processors(req.sampling)],
@@ -176,7 +199,7 @@ class Engine:
         model_id = self.loaded.id
         metrics.QUEUE_SECONDS.labels(model=model_id).observe(time.perf_counter() - handle.submitted)
         metrics.PROMPT_TOKENS.labels(model=model_id).inc(len(req.prompt_tokens))
-        streams[uid] = _Stream(handle, self, self._in_flight)
+        streams[uid] = _Stream(handle, self, self._in_flight, cached)
 
 
 def _sampler(s: SamplingParams) -> Sampler | None:
@@ -213,9 +236,10 @@ def _logits_processors(s: SamplingParams) -> list[LogitsProcessor]:
 class _Stream:
     """One request in the batch: detokenizes its tokens, applies stop strings, emits events."""
 
-    def __init__(self, handle: RequestHandle, engine: Engine, in_flight: Gauge) -> None:
+    def __init__(self, handle: RequestHandle, engine: Engine, in_flight: Gauge, cached: int) -> None:
         model_id = engine.loaded.id
         self.handle = handle
+        self.cached = cached
         self.running = True
         self._engine = engine
         self._in_flight = in_flight
@@ -266,7 +290,7 @@ class _Stream:
 
     def _finish(self, reason: FinishReason) -> None:
         req = self.handle.request
-        self.handle.emit(Finished(reason, len(req.prompt_tokens), self._completion))
+        self.handle.emit(Finished(reason, len(req.prompt_tokens), self._completion, self.cached))
 
     def fail(self, message: str) -> None:
         self.handle.emit(Failed(message))
