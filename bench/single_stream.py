@@ -197,7 +197,9 @@ from helpers import run_worker  # noqa: E402
 @contextlib.contextmanager
 def worker(model_arg: str, log_path: Path, timeout: float) -> Iterator[tuple[str, int]]:
     """A real worker on a free port; yields its URL and pid once /ready says 200; always stops it."""
-    with run_worker(model_arg, log_path, timeout=timeout) as w:
+    # The same prompt goes out every run: without this the prefix cache would serve it from the
+    # second run on, and the comparison would no longer be of the engines.
+    with run_worker(model_arg, log_path, "--prefix-cache-bytes", "0", timeout=timeout) as w:
         yield w.url, w.process.pid
 
 

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class WorkerConfig:
     parent_pid: int | None = None
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES
     log_level: str = "info"
 
     def validate(self) -> None:
@@ -26,6 +28,8 @@ class WorkerConfig:
                 f"refusing to listen on {self.host} without an API key: "
                 "set --api-key (or MLX_FLASH_API_KEY), or bind 127.0.0.1"
             )
+        if self.prefix_cache_bytes < 0:
+            raise ValueError("--prefix-cache-bytes must be >= 0")
         if self.max_body_bytes < 1024:
             raise ValueError("max body size must be at least 1024 bytes")
 

@@ -37,7 +37,13 @@ from mlx_flash.api.errors import (
     RouteNotFound,
     Unauthorized,
 )
-from mlx_flash.config import DEFAULT_MAX_BODY_BYTES, WorkerConfig, env_default, env_int
+from mlx_flash.config import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_PREFIX_CACHE_BYTES,
+    WorkerConfig,
+    env_default,
+    env_int,
+)
 from mlx_flash.engine.engine import Engine
 from mlx_flash.models.loader import load_model
 from mlx_flash.worker_state import WorkerState
@@ -212,7 +218,7 @@ def run(config: WorkerConfig) -> int:
         try:
             loaded = load_model(config.model)
             metrics.MODEL_WEIGHT_BYTES.labels(model=loaded.id).set(loaded.weight_bytes)
-            state.add(Engine(loaded))
+            state.add(Engine(loaded, prefix_cache_bytes=config.prefix_cache_bytes))
             log.info("ready", extra={"model": loaded.id})
         except Exception as e:
             log.exception("model failed to load", extra={"model": config.model})
@@ -251,6 +257,12 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--parent-pid", type=int, default=None, help="exit when this process (the supervisor) goes away"
     )
+    p.add_argument(
+        "--prefix-cache-bytes",
+        type=int,
+        default=env_int("PREFIX_CACHE_BYTES", DEFAULT_PREFIX_CACHE_BYTES),
+        help="RAM budget of the prefix cache (KV reused across requests); 0 turns it off",
+    )
     p.add_argument("--max-body-bytes", type=int, default=env_int("MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES))
     p.add_argument(
         "--log-level", default=env_default("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
@@ -266,6 +278,7 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
         parent_pid=args.parent_pid,
         api_key=args.api_key,
         max_body_bytes=args.max_body_bytes,
+        prefix_cache_bytes=args.prefix_cache_bytes,
         log_level=args.log_level,
     )
 

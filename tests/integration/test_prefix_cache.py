@@ -8,7 +8,7 @@ import openai
 import pytest
 from mlx_lm import generate, load
 
-from helpers import Worker
+from helpers import Worker, run_worker
 
 SYSTEM = "You are a careful assistant. " * 12
 
@@ -52,3 +52,15 @@ def test_identical_prompt_reuses_all_but_the_last_token(
     assert a.choices[0].text == b.choices[0].text
     assert b.usage is not None and b.usage.prompt_tokens_details is not None
     assert b.usage.prompt_tokens_details.cached_tokens == b.usage.prompt_tokens - 1
+
+
+def test_a_zero_budget_turns_the_cache_off(tmp_path: Path, model_path: dict[str, Path]) -> None:
+    name = str(model_path["llama"])
+    with (
+        run_worker(name, tmp_path / "worker.log", "--prefix-cache-bytes", "0") as worker,
+        openai.OpenAI(base_url=f"{worker.url}/v1", api_key="unused", max_retries=0) as c,
+    ):
+        for _ in range(2):
+            r = c.completions.create(model=name, prompt="Same prompt again", max_tokens=4, temperature=0)
+            assert r.usage is not None and r.usage.prompt_tokens_details is not None
+            assert r.usage.prompt_tokens_details.cached_tokens == 0

@@ -22,6 +22,7 @@ from mlx_lm.sample_utils import LogitsProcessor, Sampler, make_logits_processors
 from prometheus_client import Gauge
 
 from mlx_flash import metrics
+from mlx_flash.config import DEFAULT_PREFIX_CACHE_BYTES
 from mlx_flash.engine.logprobs import TokenBytes, token_logprob
 from mlx_flash.engine.prefix_cache import PrefixCache
 from mlx_flash.engine.request import (
@@ -38,8 +39,6 @@ from mlx_flash.engine.stops import Piece, StopMatcher
 from mlx_flash.models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
 
 # Presence/frequency penalties look at the whole sequence, as OpenAI's do; mlx-lm defaults to 20.
 PENALTY_CONTEXT = 1 << 30

@@ -19,6 +19,7 @@ MAX_ENTRIES = 4096
 class PrefixCache:
     def __init__(self, model_id: str, max_bytes: int) -> None:
         self.model_id = model_id
+        self.enabled = max_bytes > 0
         self._lru = LRUPromptCache(max_size=MAX_ENTRIES, max_bytes=max_bytes)
         self._hits = metrics.PREFIX_CACHE_HITS.labels(model=model_id, tier="ram")
         self._reused = metrics.PREFIX_CACHE_TOKENS.labels(model=model_id, tier="ram")
@@ -28,6 +29,8 @@ class PrefixCache:
     def fetch(self, tokens: list[int]) -> tuple[list[Any] | None, list[int]]:
         """The cached KV for the longest known prefix of `tokens` (a copy), and the tokens left to
         prefill: never empty, since generation starts from the last prompt token's logits."""
+        if not self.enabled:
+            return None, tokens
         cache, rest = self._lru.fetch_nearest_cache(self.model_id, tokens)
         if cache is not None and not rest:
             if not can_trim_prompt_cache(cache):
@@ -44,6 +47,6 @@ class PrefixCache:
 
     def store(self, tokens: list[int], cache: list[Any]) -> None:
         """Keep the KV of `tokens` (what the cache holds) for later requests."""
-        if tokens and cache:
+        if self.enabled and tokens and cache:
             self._lru.insert_cache(self.model_id, list(tokens), cache)
             self._bytes.set(self._lru.nbytes)
