@@ -94,7 +94,7 @@ class Engine:
         self.prefix_cache = PrefixCache(loaded.id, prefix_cache_bytes)
         self.max_batch = max_batch
         self.prefill_step = prefill_step
-        self._token_bytes = TokenBytes(loaded.tokenizer)
+        self.token_bytes = TokenBytes(loaded.tokenizer)
         self.vocab_size = int(loaded.config.get("vocab_size") or len(loaded.tokenizer))
         self._jobs: queue.Queue[RequestHandle | None] = queue.Queue()
         self._in_flight = metrics.REQUESTS_IN_FLIGHT.labels(model=loaded.id)
@@ -274,7 +274,7 @@ class _Stream:
             self._generated.inc()
         text = detok.last_segment
         if r.finish_reason != "stop" and req.logprobs:
-            item = token_logprob(r.logprobs, r.token, text, req.top_logprobs, self._engine._token_bytes)
+            item = token_logprob(r.logprobs, r.token, text, req.top_logprobs, self._engine.token_bytes)
         pieces, stopped = self._matcher.push(text, item)
         _emit(self.handle, pieces)
         if stopped:
