@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
+DEFAULT_PREFIX_CACHE_DISK_BYTES = 10 << 30
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,8 @@ class WorkerConfig:
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES
+    prefix_cache_dir: str | None = None
+    prefix_cache_disk_bytes: int = DEFAULT_PREFIX_CACHE_DISK_BYTES
     log_level: str = "info"
 
     def validate(self) -> None:
@@ -28,8 +31,8 @@ class WorkerConfig:
                 f"refusing to listen on {self.host} without an API key: "
                 "set --api-key (or MLX_FLASH_API_KEY), or bind 127.0.0.1"
             )
-        if self.prefix_cache_bytes < 0:
-            raise ValueError("--prefix-cache-bytes must be >= 0")
+        if self.prefix_cache_bytes < 0 or self.prefix_cache_disk_bytes < 0:
+            raise ValueError("--prefix-cache-bytes and --prefix-cache-disk-bytes must be >= 0")
         if self.max_body_bytes < 1024:
             raise ValueError("max body size must be at least 1024 bytes")
 

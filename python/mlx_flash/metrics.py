@@ -49,6 +49,9 @@ PREFIX_CACHE_MISSES = Counter("mlx_flash_prefix_cache_misses", "Requests with no
 PREFIX_CACHE_TOKENS = Counter(
     "mlx_flash_prefix_cache_tokens_reused", "Prompt tokens served from the prefix cache", ["model", "tier"]
 )
+PREFIX_CACHE_EVICTIONS = Counter(
+    "mlx_flash_prefix_cache_evictions", "Prefix cache entries evicted for space", ["model", "tier"]
+)
 PREFIX_CACHE_BYTES = Gauge(
     "mlx_flash_prefix_cache_bytes", "Bytes held by the prefix cache", ["model", "tier"]
 )

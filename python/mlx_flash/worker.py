@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -40,11 +41,14 @@ from mlx_flash.api.errors import (
 from mlx_flash.config import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_PREFIX_CACHE_BYTES,
+    DEFAULT_PREFIX_CACHE_DISK_BYTES,
     WorkerConfig,
     env_default,
     env_int,
 )
+from mlx_flash.engine.disk_cache import DiskCache, model_key
 from mlx_flash.engine.engine import Engine
+from mlx_flash.engine.prefix_cache import PrefixCache
 from mlx_flash.models.loader import load_model
 from mlx_flash.worker_state import WorkerState
 
@@ -218,7 +222,12 @@ def run(config: WorkerConfig) -> int:
         try:
             loaded = load_model(config.model)
             metrics.MODEL_WEIGHT_BYTES.labels(model=loaded.id).set(loaded.weight_bytes)
-            state.add(Engine(loaded, prefix_cache_bytes=config.prefix_cache_bytes))
+            disk = None
+            if config.prefix_cache_dir:
+                key = model_key(loaded.path, loaded.config, loaded.weight_bytes)
+                root, budget = Path(config.prefix_cache_dir), config.prefix_cache_disk_bytes
+                disk = DiskCache(root, key, budget, loaded.id)
+            state.add(Engine(loaded, PrefixCache(loaded.id, config.prefix_cache_bytes, disk)))
             log.info("ready", extra={"model": loaded.id})
         except Exception as e:
             log.exception("model failed to load", extra={"model": config.model})
@@ -263,6 +272,17 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
         default=env_int("PREFIX_CACHE_BYTES", DEFAULT_PREFIX_CACHE_BYTES),
         help="RAM budget of the prefix cache (KV reused across requests); 0 turns it off",
     )
+    p.add_argument(
+        "--prefix-cache-dir",
+        default=env_default("PREFIX_CACHE_DIR", None),
+        help="keep prefix cache entries on disk here too (survives restarts)",
+    )
+    p.add_argument(
+        "--prefix-cache-disk-bytes",
+        type=int,
+        default=env_int("PREFIX_CACHE_DISK_BYTES", DEFAULT_PREFIX_CACHE_DISK_BYTES),
+        help="disk budget of the prefix cache",
+    )
     p.add_argument("--max-body-bytes", type=int, default=env_int("MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES))
     p.add_argument(
         "--log-level", default=env_default("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
@@ -279,6 +299,8 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
         api_key=args.api_key,
         max_body_bytes=args.max_body_bytes,
         prefix_cache_bytes=args.prefix_cache_bytes,
+        prefix_cache_dir=args.prefix_cache_dir,
+        prefix_cache_disk_bytes=args.prefix_cache_disk_bytes,
         log_level=args.log_level,
     )
 

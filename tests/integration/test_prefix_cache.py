@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import openai
@@ -64,3 +65,76 @@ def test_a_zero_budget_turns_the_cache_off(tmp_path: Path, model_path: dict[str,
             r = c.completions.create(model=name, prompt="Same prompt again", max_tokens=4, temperature=0)
             assert r.usage is not None and r.usage.prompt_tokens_details is not None
             assert r.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def _entries(root: Path) -> list[Path]:
+    return sorted(root.glob("v*/*/*.safetensors"))
+
+
+def _wait_for_entries(root: Path, count: int) -> list[Path]:
+    deadline = time.monotonic() + 30
+    while len(found := _entries(root)) < count:
+        assert time.monotonic() < deadline, f"{count} entries never reached {root}"
+        time.sleep(0.05)
+    return found
+
+
+def test_ssd_tier_serves_the_first_request_after_a_restart(
+    tmp_path: Path, model_path: dict[str, Path]
+) -> None:
+    name, root = str(model_path["qwen3"]), tmp_path / "kv"
+    model, tokenizer = load(name)
+    prompt = "A long shared document that the next request repeats. " * 6
+    flags = ("--prefix-cache-dir", str(root))
+    with (
+        run_worker(name, tmp_path / "first.log", *flags) as worker,
+        openai.OpenAI(base_url=f"{worker.url}/v1", api_key="unused", max_retries=0) as c,
+    ):
+        c.completions.create(model=name, prompt=prompt, max_tokens=4, temperature=0)
+        _wait_for_entries(root, 1)
+    follow_up = prompt + "And a question about it:"
+    with (
+        run_worker(name, tmp_path / "second.log", *flags) as worker,
+        openai.OpenAI(base_url=f"{worker.url}/v1", api_key="unused", max_retries=0) as c,
+    ):
+        r = c.completions.create(model=name, prompt=follow_up, max_tokens=16, temperature=0)
+        hits = worker.metric("mlx_flash_prefix_cache_hits_total", 0.0, model=name, tier="ssd")
+    assert r.choices[0].text == generate(model, tokenizer, follow_up, max_tokens=16)
+    assert r.usage is not None and r.usage.prompt_tokens_details is not None
+    assert (r.usage.prompt_tokens_details.cached_tokens or 0) > 40
+    assert hits == 1
+
+
+def test_corrupt_partial_and_foreign_files_are_dropped_not_used(
+    tmp_path: Path, model_path: dict[str, Path]
+) -> None:
+    name, root = str(model_path["qwen3"]), tmp_path / "kv"
+    model, tokenizer = load(name)
+    prompts = [f"Document number {i} that will be damaged on disk. " * 6 for i in range(2)]
+    flags = ("--prefix-cache-dir", str(root))
+    with (
+        run_worker(name, tmp_path / "first.log", *flags) as worker,
+        openai.OpenAI(base_url=f"{worker.url}/v1", api_key="unused", max_retries=0) as c,
+    ):
+        for p in prompts:
+            c.completions.create(model=name, prompt=p, max_tokens=4, temperature=0)
+        truncated, garbled = _wait_for_entries(root, 2)
+    truncated.write_bytes(truncated.read_bytes()[:100])  # a write cut short
+    garbled.write_bytes(b"\x00" * garbled.stat().st_size)  # right size, wrong bytes
+    (truncated.parent / ".half-written.tmp.safetensors").write_bytes(b"partial")
+    old_version = root / "v0" / "model"
+    old_version.mkdir(parents=True)
+    (old_version / "entry.safetensors").write_bytes(b"old")
+    with (
+        run_worker(name, tmp_path / "second.log", *flags) as worker,
+        openai.OpenAI(base_url=f"{worker.url}/v1", api_key="unused", max_retries=0) as c,
+    ):
+        for p in prompts:
+            follow_up = p + "Question:"
+            r = c.completions.create(model=name, prompt=follow_up, max_tokens=12, temperature=0)
+            assert r.choices[0].text == generate(model, tokenizer, follow_up, max_tokens=12)
+        log = worker.log()
+    assert not truncated.exists() and not garbled.exists()
+    assert not (truncated.parent / ".half-written.tmp.safetensors").exists()
+    assert not old_version.parent.exists()
+    assert "dropping" in log and "Traceback" not in log

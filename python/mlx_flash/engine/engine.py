@@ -86,12 +86,12 @@ class Engine:
     def __init__(
         self,
         loaded: LoadedModel,
+        prefix_cache: PrefixCache | None = None,
         max_batch: int = 32,
         prefill_step: int = 512,
-        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     ) -> None:
         self.loaded = loaded
-        self.prefix_cache = PrefixCache(loaded.id, prefix_cache_bytes)
+        self.prefix_cache = prefix_cache or PrefixCache(loaded.id, DEFAULT_PREFIX_CACHE_BYTES)
         self.max_batch = max_batch
         self.prefill_step = prefill_step
         self.token_bytes = TokenBytes(loaded.tokenizer)
@@ -110,6 +110,7 @@ class Engine:
     def close(self, timeout: float = 10.0) -> None:
         self._jobs.put(None)
         self._thread.join(timeout)
+        self.prefix_cache.close()
 
     def _new_generator(self) -> BatchGenerator:
         return BatchGenerator(
