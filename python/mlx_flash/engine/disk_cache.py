@@ -77,14 +77,15 @@ class DiskCache:
 
     # ---------------------------------------------------------------- reading
 
-    def fetch(self, tokens: list[int]) -> tuple[list[Any] | None, int]:
-        """The cached KV for the longest usable prefix of `tokens` and its length (< len(tokens))."""
+    def fetch(self, tokens: list[int], longer_than: int = 0) -> tuple[list[Any] | None, int]:
+        """The cached KV for the longest usable prefix of `tokens` and its length (< len(tokens)),
+        if that is longer than `longer_than` tokens (what the RAM tier already has)."""
         best: tuple[int, _Entry] | None = None
         with self._lock:
             for entry in self._entries.values():
                 n = _common_prefix(entry.tokens, tokens)
                 n = min(n, len(tokens) - 1)  # generation starts from the last prompt token
-                if n > 0 and (best is None or n > best[0]):
+                if n > longer_than and (best is None or n > best[0]):
                     best = (n, entry)
         if best is None:
             return None, 0

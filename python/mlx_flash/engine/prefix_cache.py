@@ -41,16 +41,15 @@ class PrefixCache:
                 else:
                     trim_prompt_cache(cache, 1)
                     rest = tokens[-1:]
-            if cache is not None:
-                self._hits.inc()
-                self._reused.inc(len(tokens) - len(rest))
         if self.disk is not None and len(rest) > 1:
-            on_disk, n = self.disk.fetch(tokens)
-            if on_disk is not None and n > len(tokens) - len(rest):
-                cache, rest = on_disk, tokens[n:]
+            on_disk, n = self.disk.fetch(tokens, longer_than=len(tokens) - len(rest))
+            if on_disk is not None:
+                return on_disk, tokens[n:]
         if cache is None:
             self._misses.inc()
             return None, tokens
+        self._hits.inc()
+        self._reused.inc(len(tokens) - len(rest))
         return cache, list(rest)
 
     def store(self, tokens: list[int], cache: list[Any]) -> None:
