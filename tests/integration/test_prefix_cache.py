@@ -68,7 +68,8 @@ def test_a_zero_budget_turns_the_cache_off(tmp_path: Path, model_path: dict[str,
 
 
 def _entries(root: Path) -> list[Path]:
-    return sorted(root.glob("v*/*/*.safetensors"))
+    """Data files of complete entries: the index is written last, after the data is in place."""
+    return sorted(index.with_suffix(".safetensors") for index in root.glob("v*/*/[!.]*.json"))
 
 
 def _wait_for_entries(root: Path, count: int) -> list[Path]:
