@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
 DEFAULT_PREFIX_CACHE_DISK_BYTES = 10 << 30
+# Without --memory-limit, models and KV may use this share of the memory the process can have
+# (the smaller of RAM and its cgroup limit), split evenly between the workers of one host.
+DEFAULT_MEMORY_FRACTION = 0.75
+DEFAULT_MAX_QUEUE = 64
+DEFAULT_QUEUE_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    model: str = "demo"
+    models: tuple[str, ...] = ("demo",)
+    pins: tuple[str, ...] = ()
+    aliases: str | None = None
+    memory_limit: str | None = None  # bytes ("12G", "512MiB", "8000000000") or a share ("60%")
+    idle_ttl: float = 0.0  # seconds; 0 keeps an idle model until memory is needed
+    max_queue: int = DEFAULT_MAX_QUEUE
+    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
+    worker_id: str | None = None
+    local_workers: int = 1
     host: str = "127.0.0.1"
     port: int = 8080
     uds: str | None = None
@@ -35,6 +49,39 @@ class WorkerConfig:
             raise ValueError("--prefix-cache-bytes and --prefix-cache-disk-bytes must be >= 0")
         if self.max_body_bytes < 1024:
             raise ValueError("max body size must be at least 1024 bytes")
+        if self.memory_limit is not None:
+            parse_size(self.memory_limit, 1)
+        if self.idle_ttl < 0 or self.queue_timeout < 0 or self.max_queue < 0:
+            raise ValueError("--idle-ttl, --queue-timeout and --max-queue must be >= 0")
+        if self.local_workers < 1:
+            raise ValueError("--local-workers must be >= 1")
+        if self.worker_id is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.worker_id):
+            raise ValueError("--worker-id may hold only letters, digits, '.', '_' and '-'")
+
+    @property
+    def startup_models(self) -> tuple[str, ...]:
+        """Loaded before the worker says it is ready: the models, then the pinned ones."""
+        return tuple(dict.fromkeys((*self.models, *self.pins)))
+
+
+UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str, total: int) -> int:
+    """Bytes from "12G", "512MiB", "1.5GB" (binary units), "8000000000", or "60%" of `total`."""
+    t = text.strip().lower()
+    if t.endswith("%"):
+        try:
+            share = float(t[:-1])
+        except ValueError:
+            share = -1
+        if not 0 < share <= 100:
+            raise ValueError(f"bad size {text!r}: a share must be between 0% and 100%")
+        return int(total * share / 100)
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?", t)
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"bad size {text!r}: use bytes, or a number with K, M, G or T, or a share like 60%")
+    return int(float(m.group(1)) * UNITS[m.group(2)])
 
 
 def is_loopback(host: str) -> bool:

@@ -60,6 +60,25 @@ GENERATION_TOKENS = Counter("mlx_flash_generation_tokens", "Tokens generated", [
 MODEL_WEIGHT_BYTES = Gauge("mlx_flash_model_weight_bytes", "Weight bytes of loaded models", ["model"])
 MODEL_LOAD_SECONDS = Gauge("mlx_flash_model_load_seconds", "Time the last load of a model took", ["model"])
 
+MODEL_LOADS = Counter("mlx_flash_model_loads", "Models loaded", ["model"])
+MODEL_UNLOADS = Counter(
+    "mlx_flash_model_unloads", "Models unloaded, by reason (lru, idle, admin)", ["model", "reason"]
+)
+MEMORY_LIMIT_BYTES = Gauge("mlx_flash_memory_limit_bytes", "The worker's memory ceiling (--memory-limit)")
+MEMORY_RESERVED_BYTES = Gauge(
+    "mlx_flash_memory_reserved_bytes",
+    "Bytes reserved under the ceiling: weights, prefix caches, KV of requests",
+)
+QUEUE_DEPTH = Gauge("mlx_flash_admission_queue_depth", "Requests and loads waiting for memory")
+ADMISSION_WAIT_SECONDS = Histogram(
+    "mlx_flash_admission_wait_seconds",
+    "Time spent in admission control, admitted or not",
+    buckets=LATENCY_BUCKETS,
+)
+ADMISSION_REJECTED = Counter(
+    "mlx_flash_admission_rejected", "Requests refused with 503, by reason (queue_full, timeout)", ["reason"]
+)
+
 PRESSURE_LEVELS = {"normal": 0, "warning": 1, "critical": 2}
 
 

@@ -7,6 +7,7 @@ python -m mlx_flash.worker --model ./my-model --port 0
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -16,8 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlx_flash import __version__, memory, metrics
 from mlx_flash import logging as json_logging
-from mlx_flash.api import openai
+from mlx_flash.api import admin, openai
 from mlx_flash.api.errors import (
     ApiError,
     InternalError,
@@ -40,16 +40,15 @@ from mlx_flash.api.errors import (
 )
 from mlx_flash.config import (
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MEMORY_FRACTION,
     DEFAULT_PREFIX_CACHE_BYTES,
     DEFAULT_PREFIX_CACHE_DISK_BYTES,
+    DEFAULT_QUEUE_TIMEOUT,
     WorkerConfig,
     env_default,
     env_int,
 )
-from mlx_flash.engine.disk_cache import DiskCache, model_key
-from mlx_flash.engine.engine import Engine
-from mlx_flash.engine.prefix_cache import PrefixCache
-from mlx_flash.models.loader import load_model
 from mlx_flash.worker_state import WorkerState
 
 # Named explicitly: run as `python -m mlx_flash.worker`, __name__ is "__main__".
@@ -61,6 +60,8 @@ ROUTE_LABELS = {"/chat/completions", "/completions", "/models", "/health", "/rea
 
 def route_label(path: str) -> str:
     """A bounded label for metrics: the route, never the raw path."""
+    if path.startswith("/admin/"):
+        return "/admin"
     path = path.removeprefix("/v1")
     if path.startswith("/models/"):
         return "/models/{model}"
@@ -127,7 +128,7 @@ async def health(request: Request) -> Response:
 async def ready(request: Request) -> Response:
     state: WorkerState = request.app.state.worker
     if state.ready:
-        return JSONResponse({"status": "ready", "models": [e.loaded.id for e in state.engines()]})
+        return JSONResponse({"status": "ready", "models": [e.loaded.id for e in state.scheduler.loaded()]})
     status = "failed" if state.load_error else "loading"
     return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
 
@@ -158,18 +159,25 @@ async def internal_error(request: Request, exc: Exception) -> Response:
     return openai.error_response(InternalError())
 
 
-def create_app(state: WorkerState) -> Starlette:
+def create_app(state: WorkerState, on_fatal: Callable[[], None] | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.worker = state
+        tasks = [
+            asyncio.create_task(_load_startup_models(state, on_fatal)),
+            asyncio.create_task(state.scheduler.expire_idle()),
+        ]
         yield
-        state.close()
+        for task in tasks:
+            task.cancel()
+        await state.close()
 
     routes = [
         Route("/health", health),
         Route("/ready", ready),
         Route("/metrics", prometheus),
         *openai.routes(),
+        *admin.routes(),
     ]
     app = Starlette(
         routes=routes,
@@ -178,6 +186,21 @@ def create_app(state: WorkerState) -> Starlette:
     )
     app.add_middleware(Observe, config=state.config)
     return app
+
+
+async def _load_startup_models(state: WorkerState, on_fatal: Callable[[], None] | None) -> None:
+    """Load --model and --pin models in order; the worker is ready once all are in."""
+    for name in state.config.startup_models:
+        try:
+            await state.scheduler.load(name)
+        except Exception as e:
+            log.error("model failed to load", extra={"model": name, "error": str(e)})
+            state.load_error = str(e) if isinstance(e, ApiError) else f"{type(e).__name__}: {e}"
+            if on_fatal is not None:
+                on_fatal()
+            return
+    state.ready = True
+    log.info("ready", extra={"models": list(state.config.startup_models)})
 
 
 def _bind(config: WorkerConfig) -> socket.socket:
@@ -209,31 +232,23 @@ def _exit_with_parent(parent_pid: int, server: uvicorn.Server) -> None:
 def run(config: WorkerConfig) -> int:
     """Serve until interrupted; the model loads in the background while /ready says 503."""
     json_logging.configure(config.log_level)
+    state = WorkerState(config)
     try:
         config.validate()
+        log.info("memory limit", extra={"bytes": state.scheduler.limit})  # reads --aliases, --pin too
         sock = _bind(config)
-    except (ValueError, OSError) as e:
-        print(f"mlx-flash: error: {e}", file=sys.stderr)  # noqa: T201 - user-facing
+    except (ValueError, OSError, ApiError) as e:
+        message = e.message if isinstance(e, ApiError) else str(e)
+        print(f"mlx-flash: error: {message}", file=sys.stderr)  # noqa: T201 - user-facing
         return 2
-    state = WorkerState(config)
-    server = uvicorn.Server(uvicorn.Config(create_app(state), log_config=None, timeout_graceful_shutdown=10))
+    server: uvicorn.Server
 
-    def load() -> None:
-        try:
-            loaded = load_model(config.model)
-            metrics.MODEL_WEIGHT_BYTES.labels(model=loaded.id).set(loaded.weight_bytes)
-            disk = None
-            if config.prefix_cache_dir:
-                key = model_key(loaded.path, loaded.config, loaded.weight_bytes)
-                root, budget = Path(config.prefix_cache_dir), config.prefix_cache_disk_bytes
-                disk = DiskCache(root, key, budget, loaded.id)
-            state.add(Engine(loaded, PrefixCache(loaded.id, config.prefix_cache_bytes, disk)))
-            log.info("ready", extra={"model": loaded.id})
-        except Exception as e:
-            log.exception("model failed to load", extra={"model": config.model})
-            state.load_error = f"{type(e).__name__}: {e}"
-            server.should_exit = True
+    def stop() -> None:
+        server.should_exit = True
 
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(state, stop), log_config=None, timeout_graceful_shutdown=10)
+    )
     if config.uds:
         log.info("listening", extra={"uds": config.uds})
     else:
@@ -244,7 +259,6 @@ def run(config: WorkerConfig) -> int:
             target=_exit_with_parent, args=(config.parent_pid, server), name="parent-watch", daemon=True
         )
         watch.start()
-    threading.Thread(target=load, name="model-loader", daemon=True).start()
     server.run(sockets=[sock])
     return 1 if state.load_error else 0
 
@@ -252,8 +266,39 @@ def run(config: WorkerConfig) -> int:
 def add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
-        default=env_default("MODEL", "demo"),
-        help="'demo' (built in), a local mlx-lm model directory, or a Hugging Face repo id",
+        action="append",
+        help="a model to load at start: 'demo' (built in), a local mlx-lm model directory, a Hugging Face "
+        "repo id, or an alias; repeat for several (default: demo, or MLX_FLASH_MODEL, comma-separated)",
+    )
+    p.add_argument("--pin", action="append", default=[], help="load at start and never evict; repeatable")
+    p.add_argument(
+        "--aliases",
+        default=env_default("ALIASES", None),
+        help='a TOML file with an [aliases] table (name = "org/repo" or a directory); overrides built-ins',
+    )
+    p.add_argument(
+        "--memory-limit",
+        default=env_default("MEMORY_LIMIT", None),
+        help="ceiling for weights, prefix caches and KV: bytes, 12G, 512M, or a share like 60%% "
+        f"(default {DEFAULT_MEMORY_FRACTION:.0%} of memory, split between the host's workers)",
+    )
+    p.add_argument(
+        "--idle-ttl",
+        type=float,
+        default=float(env_default("IDLE_TTL", "0") or 0),
+        help="unload a model idle this many seconds (0: keep until its memory is needed)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=env_int("MAX_QUEUE", DEFAULT_MAX_QUEUE),
+        help="requests that may wait for memory; more get 503",
+    )
+    p.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=float(env_default("QUEUE_TIMEOUT", str(DEFAULT_QUEUE_TIMEOUT)) or DEFAULT_QUEUE_TIMEOUT),
+        help="seconds a request may wait for memory before 503 with Retry-After",
     )
     p.add_argument("--host", default=env_default("HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=env_int("PORT", 8080), help="0 picks a free port")
@@ -265,6 +310,10 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uds", default=None, help="listen on this Unix socket instead of host:port")
     p.add_argument(
         "--parent-pid", type=int, default=None, help="exit when this process (the supervisor) goes away"
+    )
+    p.add_argument("--worker-id", default=None, help="set by the sidecar: names this worker's SSD cache dir")
+    p.add_argument(
+        "--local-workers", type=int, default=1, help="set by the sidecar: workers sharing this host"
     )
     p.add_argument(
         "--prefix-cache-bytes",
@@ -290,12 +339,22 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_from(args: argparse.Namespace) -> WorkerConfig:
+    from_env = [m for m in (env_default("MODEL", "") or "").split(",") if m]
+    models = args.model or from_env or ([] if args.pin else ["demo"])
     return WorkerConfig(
-        model=args.model,
+        models=tuple(models),
+        pins=tuple(args.pin),
+        aliases=args.aliases,
+        memory_limit=args.memory_limit,
+        idle_ttl=args.idle_ttl,
+        max_queue=args.max_queue,
+        queue_timeout=args.queue_timeout,
         host=args.host,
         port=args.port,
         uds=args.uds,
         parent_pid=args.parent_pid,
+        worker_id=args.worker_id,
+        local_workers=args.local_workers,
         api_key=args.api_key,
         max_body_bytes=args.max_body_bytes,
         prefix_cache_bytes=args.prefix_cache_bytes,

@@ -29,4 +29,4 @@ def test_hub_repo_id_loads_from_the_hub_cache(
         assert c.models.list().data[0].id == "local/tiny-qwen3"
         r = c.completions.create(model="local/tiny-qwen3", prompt="Hello", max_tokens=4, temperature=0)
         assert r.usage is not None and r.usage.prompt_tokens > 0
-        assert "downloading model from the hub" in worker.log()
+        assert f'"path":"{repo / "snapshots" / commit}"' in worker.log()  # resolved through the cache

@@ -1,4 +1,7 @@
-"""The Starlette app before any model is loaded: alive, not ready, and honest about it."""
+"""The Starlette app before its model is loaded: alive, not ready, and honest about it."""
+
+import time
+from pathlib import Path
 
 from starlette.testclient import TestClient
 
@@ -8,23 +11,27 @@ from mlx_flash.worker_state import WorkerState
 
 
 def test_ready_is_503_until_the_model_is_loaded() -> None:
-    with TestClient(create_app(WorkerState(WorkerConfig(model="demo")))) as client:
+    with TestClient(create_app(WorkerState(WorkerConfig(models=("demo",))))) as client:
         assert client.get("/health").status_code == 200
         r = client.get("/ready")
         assert r.status_code == 503 and r.json()["status"] == "loading"
 
 
-def test_requests_for_the_loading_model_get_503_with_retry_after() -> None:
-    with TestClient(create_app(WorkerState(WorkerConfig(model="demo")))) as client:
-        r = client.post("/v1/chat/completions", json={"model": "demo", "messages": []})
-        assert r.status_code == 503 and r.headers["retry-after"] == "5"
-        assert r.json()["error"]["code"] == "model_loading"
+def test_a_request_waits_for_its_model_to_load_and_unknown_models_are_404() -> None:
+    with TestClient(create_app(WorkerState(WorkerConfig(models=("demo",))))) as client:
         r = client.post("/v1/chat/completions", json={"model": "other", "messages": []})
-        assert r.status_code == 404
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        r = client.post("/v1/chat/completions", json={"model": "demo", "messages": []})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+        assert client.get("/ready").json() == {"status": "ready", "models": ["demo"]}
 
 
-def test_failed_load_is_reported_by_ready() -> None:
-    state = WorkerState(WorkerConfig(model="demo"))
-    state.load_error = "FileNotFoundError: model directory not found: x"
+def test_failed_load_is_reported_by_ready(tmp_path: Path) -> None:
+    state = WorkerState(WorkerConfig(models=(str(tmp_path / "missing"),)))
     with TestClient(create_app(state)) as client:
-        assert client.get("/ready").json() == {"status": "failed", "error": state.load_error}
+        for _ in range(100):
+            body = client.get("/ready").json()
+            if body["status"] != "loading":
+                break
+            time.sleep(0.05)
+        assert body["status"] == "failed" and "model directory not found" in body["error"]

@@ -30,8 +30,8 @@ class ModelNotFound(ApiError):
     status = 404
     code = "model_not_found"
 
-    def __init__(self, model: str) -> None:
-        super().__init__(f"The model '{model}' does not exist or is not served here.", "model")
+    def __init__(self, model: str, why: str = "it does not exist or is not served here") -> None:
+        super().__init__(f"The model '{model}' is not available: {why}.", "model")
 
 
 class RouteNotFound(ApiError):
@@ -60,6 +60,43 @@ class NotReady(ApiError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "5"}
+
+
+class MemoryExceeded(ApiError):
+    """The request could never fit: its KV cache alone is larger than the memory limit allows."""
+
+    code = "insufficient_memory"
+
+
+class Overloaded(ApiError):
+    """Cannot be admitted now (memory or queue); the client should retry later."""
+
+    status = 503
+    type = "server_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class ModelTooLarge(ApiError):
+    """The model can never fit under the memory limit; retrying will not help."""
+
+    status = 503
+    type = "server_error"
+    code = "model_too_large"
+
+    def headers(self) -> dict[str, str]:
+        return {"x-should-retry": "false"}
+
+
+class Conflict(ApiError):
+    status = 409
+    code = "conflict"
 
 
 class InternalError(ApiError):

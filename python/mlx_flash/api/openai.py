@@ -21,7 +21,6 @@ from mlx_flash.api.errors import (
     ContextLengthExceeded,
     InternalError,
     InvalidRequest,
-    ModelNotFound,
 )
 from mlx_flash.api.fields import Fields
 from mlx_flash.engine.engine import Engine, RequestHandle
@@ -34,6 +33,7 @@ from mlx_flash.engine.request import (
     TextDelta,
     TokenLogprob,
 )
+from mlx_flash.models.scheduler import Entry, Lease, Scheduler
 from mlx_flash.worker_state import WorkerState
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -297,17 +297,24 @@ def stream_error() -> bytes:
 # ---------------------------------------------------------------- endpoints
 
 
-async def _begin(request: Request) -> tuple[dict[str, Any], Fields, Engine, Common]:
-    """The body, its fields, the engine of the model it names, and the fields both endpoints share."""
+async def _begin(request: Request) -> tuple[dict[str, Any], Fields, Lease]:
+    """The body, its fields, and a hold on the model it names (loaded now if need be)."""
     state: WorkerState = request.app.state.worker
     body = await read_json_object(request, state.config.max_body_bytes)
     f = Fields(body)
-    engine = state.engine_for(f.string("model", required=True) or "")
-    return body, f, engine, parse_common(f, engine.vocab_size)
+    lease = await state.scheduler.lease(f.string("model", required=True) or "")
+    return body, f, lease
 
 
 async def chat_completions(request: Request) -> Response:
-    body, f, engine, common = await _begin(request)
+    body, f, lease = await _begin(request)
+    with lease.held():
+        return await _chat(request, body, f, lease)
+
+
+async def _chat(request: Request, body: dict[str, Any], f: Fields, lease: Lease) -> Response:
+    engine = lease.engine
+    common = parse_common(f, engine.vocab_size)
     reject_unsupported(f)
     messages = parse_messages(body)
     kwargs = f.obj("chat_template_kwargs") or {}
@@ -318,7 +325,8 @@ async def chat_completions(request: Request) -> Response:
     tokenizer = engine.loaded.tokenizer
     prompt = await run_in_threadpool(encode_chat, tokenizer, messages, kwargs)
     max_tokens = budget(engine, len(prompt), common.max_tokens, "messages")
-    handle = engine.submit(GenerationRequest(prompt, max_tokens, common.sampling, common.stop, logprobs, top))
+    gen = GenerationRequest(prompt, max_tokens, common.sampling, common.stop, logprobs, top)
+    handle = await lease.start(gen, max_tokens_given=common.max_tokens is not None)
     env = Envelope(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", engine.loaded.id, common.include_usage)
 
     def lp_obj(items: Sequence[TokenLogprob]) -> dict[str, Any] | None:
@@ -344,7 +352,14 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def completions(request: Request) -> Response:
-    body, f, engine, common = await _begin(request)
+    body, f, lease = await _begin(request)
+    with lease.held():
+        return await _completion(request, body, f, lease)
+
+
+async def _completion(request: Request, body: dict[str, Any], f: Fields, lease: Lease) -> Response:
+    engine = lease.engine
+    common = parse_common(f, engine.vocab_size)
     if f.present("suffix"):
         raise InvalidRequest("suffix is not supported by this server", param="suffix")
     if f.boolean("echo", False):
@@ -354,9 +369,8 @@ async def completions(request: Request) -> Response:
     top = f.integer("logprobs", None, lo=0, hi=20)
     prompt = await run_in_threadpool(_completion_prompt, engine, body.get("prompt"))
     max_tokens = budget(engine, len(prompt), common.max_tokens or 16, "prompt")
-    handle = engine.submit(
-        GenerationRequest(prompt, max_tokens, common.sampling, common.stop, top is not None, top or 0)
-    )
+    gen = GenerationRequest(prompt, max_tokens, common.sampling, common.stop, top is not None, top or 0)
+    handle = await lease.start(gen, max_tokens_given=True)
     env = Envelope(f"cmpl-{uuid.uuid4().hex}", "text_completion", engine.loaded.id, common.include_usage)
     offset = 0
 
@@ -407,30 +421,28 @@ def _completion_prompt(engine: Engine, prompt: Any) -> list[int]:
     raise InvalidRequest("prompt must be a string or an array of token ids", param="prompt")
 
 
-def _model_card(engine: Engine) -> dict[str, Any]:
-    loaded = engine.loaded
-    return {
-        "id": loaded.id,
+def _model_card(scheduler: Scheduler, entry: Entry) -> dict[str, Any]:
+    card = {
+        "id": entry.id,
         "object": "model",
-        "created": loaded.created,
+        "created": entry.engine.loaded.created if entry.engine else scheduler.created,
         "owned_by": "mlx-flash",
-        "context_length": loaded.context_length,
+        "status": entry.status,
     }
+    if entry.engine:
+        card["context_length"] = entry.engine.loaded.context_length
+    return card
 
 
 async def list_models(request: Request) -> Response:
-    state: WorkerState = request.app.state.worker
-    data = [_model_card(e) for e in state.engines()]
+    scheduler: Scheduler = request.app.state.worker.scheduler
+    data = [_model_card(scheduler, e) for e in scheduler.models()]
     return JSONResponse({"object": "list", "data": data})
 
 
 async def get_model(request: Request) -> Response:
-    state: WorkerState = request.app.state.worker
-    name = request.path_params["model"]
-    for engine in state.engines():
-        if engine.loaded.serves(name):
-            return JSONResponse(_model_card(engine))
-    raise ModelNotFound(name)
+    scheduler: Scheduler = request.app.state.worker.scheduler
+    return JSONResponse(_model_card(scheduler, scheduler.lookup(request.path_params["model"])))
 
 
 def routes() -> list[BaseRoute]:

@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, GenerationBatch
@@ -47,10 +47,16 @@ PENALTY_CONTEXT = 1 << 30
 class RequestHandle:
     """The async side of one request: iterate `events()`; `cancel()` stops generation."""
 
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        request: GenerationRequest,
+        loop: asyncio.AbstractEventLoop,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
         self.request = request
         self.submitted = time.perf_counter()
         self._loop = loop
+        self._on_close = on_close
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._cancelled = threading.Event()
 
@@ -67,6 +73,12 @@ class RequestHandle:
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
         except RuntimeError:  # the event loop is gone: nobody is listening any more
             self.cancel()
+
+    def closed(self) -> None:
+        """Called from the engine thread once the request holds no more engine resources."""
+        if self._on_close is not None:
+            with contextlib.suppress(RuntimeError):  # the event loop is gone
+                self._loop.call_soon_threadsafe(self._on_close)
 
     async def events(self) -> AsyncIterator[Event]:
         while True:
@@ -101,8 +113,9 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name=f"engine:{loaded.id}", daemon=True)
         self._thread.start()
 
-    def submit(self, request: GenerationRequest) -> RequestHandle:
-        handle = RequestHandle(request, asyncio.get_running_loop())
+    def submit(self, request: GenerationRequest, on_close: Callable[[], None] | None = None) -> RequestHandle:
+        """Queue a request; `on_close` runs on the event loop when the engine is done with it."""
+        handle = RequestHandle(request, asyncio.get_running_loop(), on_close)
         self._in_flight.inc()
         self._jobs.put(handle)
         return handle
@@ -177,6 +190,7 @@ class Engine:
     def _admit(self, generator: BatchGenerator, streams: dict[int, _Stream], handle: RequestHandle) -> None:
         if handle.cancelled:
             self._in_flight.dec()
+            handle.closed()
             return
         req = handle.request
         cache, rest = self.prefix_cache.fetch(req.prompt_tokens)
@@ -195,6 +209,7 @@ class Engine:
             log.exception("could not start generation", extra={"model": self.loaded.id})
             handle.emit(Failed("internal error during generation"))
             self._in_flight.dec()
+            handle.closed()
             return
         model_id = self.loaded.id
         metrics.QUEUE_SECONDS.labels(model=model_id).observe(time.perf_counter() - handle.submitted)
@@ -298,6 +313,7 @@ class _Stream:
 
     def close(self) -> None:
         self._in_flight.dec()
+        self.handle.closed()
 
 
 def _emit(handle: RequestHandle, pieces: list[Piece[TokenLogprob | None]]) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load
@@ -19,6 +21,8 @@ log = logging.getLogger(__name__)
 DEMO = "demo"
 # What mlx-lm needs from a hub repository (its own default set, minus the other weight formats).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.py", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+# Weights are read in groups of about this many bytes, so loading reports its progress.
+PROGRESS_STEP_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -31,25 +35,54 @@ class LoadedModel:
     context_length: int
     created: int
     weight_bytes: int
+    kv_bytes_per_token: int
 
     def serves(self, name: str) -> bool:
         """Whether a request naming `name` is for this model (its id, or the directory's name)."""
         return name in (self.id, self.path.name)
 
 
-def resolve(name: str) -> Path:
-    """Local path for a model name, downloading from the hub when it is not a local directory."""
+def is_hub_id(name: str) -> bool:
+    """`owner/repo`, the shape of a Hugging Face model id (and not a path)."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot of a hub model already in the Hugging Face cache, without the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+        return None
+    return path if (path / "config.json").is_file() else None
+
+
+def resolve(name: str, download: bool = True) -> Path:
+    """Local path for a model name; a hub id not in the local cache is downloaded if `download`."""
     if name == DEMO:
         return DEMO_MODEL_PATH
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or name.startswith((".", "/", "~")):
+    if not is_hub_id(name):
         raise FileNotFoundError(f"model directory not found: {name}")
+    cached = cached_snapshot(name)
+    if cached is not None:
+        return cached
+    if not download:
+        raise FileNotFoundError(f"{name} is not in the local Hugging Face cache")
     from huggingface_hub import snapshot_download
 
     log.info("downloading model from the hub", extra={"model": name})
     return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+
+
+def weight_file_bytes(path: Path) -> int:
+    """Bytes of the model's weight files: what loading it will take, known before loading."""
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
 def context_length(config: dict[str, Any], tokenizer: TokenizerWrapper) -> int:
@@ -61,15 +94,50 @@ def context_length(config: dict[str, Any], tokenizer: TokenizerWrapper) -> int:
     return limit if isinstance(limit, int) and 0 < limit < 10**7 else 4096
 
 
-def load_model(name: str) -> LoadedModel:
+def kv_bytes_per_token(config: dict[str, Any], dtype: mx.Dtype) -> int:
+    """KV cache bytes one token takes across all layers: keys and values of every KV head.
+
+    An upper bound for models whose layers keep less (sliding windows, linear attention)."""
+    c = config.get("text_config", config)
+    hidden = int(c.get("hidden_size") or c.get("d_model") or 0)
+    heads = int(c.get("num_attention_heads") or c.get("n_heads") or 1)
+    kv_heads = int(c.get("num_key_value_heads") or heads)
+    head_dim = int(c.get("head_dim") or (hidden // heads if hidden else 128))
+    layers = int(c.get("num_hidden_layers") or c.get("n_layers") or 1)
+    return 2 * layers * kv_heads * head_dim * dtype.size
+
+
+def _activation_dtype(leaves: list[tuple[str, mx.array]]) -> mx.Dtype:
+    """The floating dtype the model computes in (a quantized model's scales carry it)."""
+    for _, array in leaves:
+        if mx.issubdtype(array.dtype, mx.floating):
+            return array.dtype
+    return mx.float16
+
+
+def load_model(name: str, path: Path, on_progress: Callable[[int, int], None] | None = None) -> LoadedModel:
+    """Load with mlx-lm, reading the weights in groups so `on_progress(done, total)` can report bytes."""
     start = time.perf_counter()
-    path = resolve(name)
     log.info("loading model", extra={"model": name, "path": str(path)})
     model, tokenizer, config = cast(
-        tuple[Any, TokenizerWrapper, dict[str, Any]], load(str(path), return_config=True)
+        tuple[Any, TokenizerWrapper, dict[str, Any]], load(str(path), lazy=True, return_config=True)
     )
-    leaves = cast(list[tuple[str, Any]], tree_flatten(model.parameters()))
-    weight_bytes = sum(int(array.nbytes) for _, array in leaves)
+    leaves = cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))
+    total = sum(int(array.nbytes) for _, array in leaves)
+    done, group, group_bytes, reported = 0, [], 0, -1
+    for _, array in leaves:
+        group.append(array)
+        group_bytes += int(array.nbytes)
+        if group_bytes >= PROGRESS_STEP_BYTES or array is leaves[-1][1]:
+            mx.eval(group)
+            done += group_bytes
+            group, group_bytes = [], 0
+            if on_progress is not None:
+                on_progress(done, total)
+            percent = done * 100 // max(total, 1)
+            if percent // 10 > reported // 10 and percent < 100:
+                reported = percent
+                log.info("loading model", extra={"model": name, "percent": percent, "bytes": done})
     loaded = LoadedModel(
         id=name,
         path=path,
@@ -78,14 +146,16 @@ def load_model(name: str) -> LoadedModel:
         config=config,
         context_length=context_length(config, tokenizer),
         created=int(time.time()),
-        weight_bytes=weight_bytes,
+        weight_bytes=total,
+        kv_bytes_per_token=kv_bytes_per_token(config, _activation_dtype(leaves)),
     )
     log.info(
         "model loaded",
         extra={
             "model": name,
             "model_type": config.get("model_type"),
-            "weight_bytes": weight_bytes,
+            "weight_bytes": total,
+            "kv_bytes_per_token": loaded.kv_bytes_per_token,
             "context_length": loaded.context_length,
             "seconds": round(time.perf_counter() - start, 3),
         },

@@ -1,0 +1,402 @@
+"""Which models are in memory, and which requests may start.
+
+Models load on demand and the least recently used idle one is evicted when memory is needed, under
+one byte ceiling (`--memory-limit`); pinned models stay, idle ones may expire (`--idle-ttl`).
+Admission control: before a response starts, a request reserves the KV cache it can grow to (prompt
+plus max tokens), and a load reserves the model's weights. What does not fit under the ceiling and in
+the memory the system has now waits in one bounded FIFO queue, then gets 503 with Retry-After; so a
+request is never cut off after 200 for lack of memory. Everything here runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import gc
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from mlx_flash import memory, metrics
+from mlx_flash.api.errors import (
+    ApiError,
+    Conflict,
+    InternalError,
+    MemoryExceeded,
+    ModelNotFound,
+    ModelTooLarge,
+    Overloaded,
+)
+from mlx_flash.config import WorkerConfig
+from mlx_flash.engine.disk_cache import DiskCache, model_key
+from mlx_flash.engine.engine import Engine, RequestHandle
+from mlx_flash.engine.prefix_cache import PrefixCache
+from mlx_flash.engine.request import GenerationRequest
+from mlx_flash.models.loader import LoadedModel, load_model, resolve, weight_file_bytes
+from mlx_flash.models.registry import Known, Registry
+
+log = logging.getLogger(__name__)
+
+# Memory the system must keep free beyond what a request takes: the OS, MLX's scratch buffers.
+HEADROOM_BYTES = 256 << 20
+# Waiters look at the live memory snapshot again this often, even if nothing here changed.
+RECHECK_SECONDS = 0.25
+
+
+@dataclasses.dataclass(eq=False)
+class Entry:
+    """One model this worker knows, loaded or not."""
+
+    id: str
+    target: str
+    download: bool
+    pinned: bool = False
+    engine: Engine | None = None
+    loading: asyncio.Task[Engine] | None = None
+    progress: tuple[int, int] | None = None  # bytes read, of total, while loading
+    reserved: int = 0  # weights plus prefix cache budget, while loading or loaded
+    holders: int = 0  # leases: requests from lookup until the engine is done with them
+    last_used: float = 0.0
+    error: str | None = None
+
+    @property
+    def status(self) -> str:
+        return "loaded" if self.engine else "loading" if self.loading else "available"
+
+    def evictable(self) -> bool:
+        return self.engine is not None and not self.pinned and self.holders == 0
+
+
+class Lease:
+    """A request's hold on a loaded model; `start` admits it; released once its engine is done."""
+
+    def __init__(self, scheduler: Scheduler, entry: Entry, engine: Engine) -> None:
+        self.engine = engine
+        self.kv_bytes = 0
+        self.entry = entry
+        self._scheduler = scheduler
+        self._released = False
+
+    async def start(self, request: GenerationRequest, max_tokens_given: bool) -> RequestHandle:
+        """Wait for room for this request's KV cache, then hand it to the engine.
+
+        Without an explicit max_tokens the completion is capped at what memory can ever hold."""
+        per_token = max(1, self.engine.loaded.kv_bytes_per_token)
+        ceiling = self._scheduler.kv_ceiling(self.entry) // per_token
+        prompt = len(request.prompt_tokens)
+        if prompt + (request.max_tokens if max_tokens_given else 1) > ceiling:
+            limit = self._scheduler.limit
+            raise MemoryExceeded(
+                f"This request needs a KV cache of {prompt + request.max_tokens} tokens "
+                f"({per_token} bytes each) but at most {max(ceiling, 0)} fit under this worker's "
+                f"memory limit of {limit} bytes beside the model. Reduce max_tokens or the prompt.",
+                param="max_tokens" if max_tokens_given else "messages",
+            )
+        if prompt + request.max_tokens > ceiling:
+            request = dataclasses.replace(request, max_tokens=ceiling - prompt)
+        need = (prompt + request.max_tokens) * per_token
+        await self._scheduler.admit(need, f"request for {self.entry.id}", lambda: self._reserve(need))
+        return self.engine.submit(request, on_close=self.release)
+
+    def _reserve(self, need: int) -> None:
+        self.kv_bytes = need
+        self._scheduler.kv_reserved += need
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._scheduler.kv_reserved -= self.kv_bytes
+        self.entry.holders -= 1
+        self.entry.last_used = time.monotonic()
+        self._scheduler.changed()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[Lease]:
+        """Release the lease if the request fails before the engine takes it."""
+        try:
+            yield self
+        except BaseException:
+            self.release()
+            raise
+
+
+class Scheduler:
+    def __init__(self, config: WorkerConfig, limit: int) -> None:
+        self.config = config
+        self.limit = limit
+        self.registry = Registry(list(config.startup_models), config.aliases)
+        self.kv_reserved = 0
+        self.created = int(time.time())
+        self._entries: dict[str, Entry] = {}
+        self._waiters: deque[object] = deque()
+        self._changed = asyncio.Event()
+        self._prefix_budget = config.prefix_cache_bytes
+        self._pinned = {self.registry.find(name).target for name in config.pins}
+        metrics.MEMORY_LIMIT_BYTES.set(limit)
+
+    # ------------------------------------------------------------ models
+
+    def entry(self, name: str) -> Entry:
+        """The model `name` names (ModelNotFound if none), tracked from now on."""
+        known = self.registry.find(name)
+        entry = self._entries.get(known.target)
+        if entry is None:
+            entry = self._entries[known.target] = self._new(known)
+        return entry
+
+    def lookup(self, name: str) -> Entry:
+        """The model `name` names if it is tracked or available; ModelNotFound otherwise."""
+        known = self.registry.find(name)
+        if known.target in self._entries:
+            return self._entries[known.target]
+        if not any(k.target == known.target for k in self.registry.available()):
+            raise ModelNotFound(name)
+        return self._new(known)
+
+    def _new(self, known: Known) -> Entry:
+        return Entry(known.id, known.target, known.download, pinned=known.target in self._pinned)
+
+    def loaded(self) -> list[Engine]:
+        return [e.engine for e in self._entries.values() if e.engine is not None]
+
+    async def lease(self, name: str, download: bool = False) -> Lease:
+        """Hold the model `name` names, loading it first if needed (evicting idle ones for room)."""
+        entry = self.entry(name)
+        entry.holders += 1
+        try:
+            while entry.engine is None:
+                if entry.loading is None:
+                    entry.loading = asyncio.create_task(self._load(entry, download or entry.download))
+                    # Its error reaches every waiter; this keeps a load nobody awaits any more quiet.
+                    entry.loading.add_done_callback(lambda t: t.cancelled() or t.exception())
+                # Shielded: a client that gives up does not cancel a load others may be waiting for.
+                await asyncio.shield(entry.loading)
+        except BaseException:
+            entry.holders -= 1
+            if entry.engine is None and entry.loading is None and entry.holders == 0:
+                self._entries.pop(entry.target, None)  # forget names that failed: clients choose them
+            self.changed()
+            raise
+        entry.last_used = time.monotonic()
+        return Lease(self, entry, entry.engine)
+
+    async def load(self, name: str, download: bool = True) -> Entry:
+        lease = await self.lease(name, download)
+        lease.release()
+        return lease.entry
+
+    async def unload(self, name: str) -> Entry:
+        entry = self.lookup(name)
+        if entry.pinned:
+            raise Conflict(f"The model '{entry.id}' is pinned (--pin) and stays loaded.")
+        if entry.loading is not None or entry.holders:
+            raise Conflict(f"The model '{entry.id}' is busy ({entry.holders} requests); retry later.")
+        if entry.engine is not None:
+            await self._unload(entry, "admin")
+        return entry
+
+    async def _load(self, entry: Entry, download: bool) -> Engine:
+        try:
+            try:
+                path = await asyncio.to_thread(resolve, entry.target, download)
+            except FileNotFoundError as e:
+                hint = ""
+                if not download:
+                    hint = f"; POST /admin/api/models/{entry.id}/load downloads it"
+                raise ModelNotFound(entry.id, f"{e}{hint}") from e
+            need = (weight_file_bytes(path) or 1) + self._prefix_budget
+            if need > self._ceiling(entry):
+                raise ModelTooLarge(
+                    f"The model '{entry.id}' needs about {need} bytes (weights and prefix cache) but this "
+                    f"worker's memory limit is {self.limit} bytes ({self._ceiling(entry)} without the "
+                    "pinned models); raise --memory-limit or pick a smaller model."
+                )
+            await self.admit(need, f"load of {entry.id}", lambda: setattr(entry, "reserved", need))
+            started = time.perf_counter()
+            try:
+                engine = await asyncio.to_thread(_open, entry, path, self._prefix_cache)
+            except Exception as e:
+                entry.reserved = 0
+                log.exception("model failed to load", extra={"model": entry.id})
+                raise InternalError(f"The model '{entry.id}' failed to load: {type(e).__name__}: {e}") from e
+            entry.engine, entry.error = engine, None
+            entry.reserved = engine.loaded.weight_bytes + self._prefix_budget
+            entry.last_used = time.monotonic()
+            metrics.MODEL_WEIGHT_BYTES.labels(model=entry.id).set(engine.loaded.weight_bytes)
+            metrics.MODEL_LOADS.labels(model=entry.id).inc()
+            metrics.MODEL_LOAD_SECONDS.labels(model=entry.id).set(time.perf_counter() - started)
+            return engine
+        except ApiError as e:
+            entry.error = e.message
+            raise
+        finally:
+            entry.loading, entry.progress = None, None
+            self.changed()
+
+    def _prefix_cache(self, loaded: LoadedModel) -> PrefixCache:
+        disk = None
+        if self.config.prefix_cache_dir:
+            root = Path(self.config.prefix_cache_dir)
+            if self.config.worker_id:  # workers of one host each keep their own tier
+                root = root / self.config.worker_id
+            key = model_key(loaded.path, loaded.config, loaded.weight_bytes)
+            disk = DiskCache(root, key, self.config.prefix_cache_disk_bytes, loaded.id)
+        return PrefixCache(loaded.id, self._prefix_budget, disk)
+
+    async def _unload(self, entry: Entry, reason: str) -> None:
+        assert entry.engine is not None
+        # The engine is handed over in a list so no frame here keeps its arrays alive.
+        engines, entry.engine = [entry.engine], None
+        log.info("unloading model", extra={"model": entry.id, "reason": reason})
+        await asyncio.to_thread(_release, engines)
+        entry.reserved = 0
+        metrics.MODEL_WEIGHT_BYTES.remove(entry.id)
+        metrics.MODEL_UNLOADS.labels(model=entry.id, reason=reason).inc()
+        self.changed()
+
+    async def expire_idle(self) -> None:
+        """Unload models idle for longer than --idle-ttl, until cancelled."""
+        ttl = self.config.idle_ttl
+        while ttl > 0:
+            await asyncio.sleep(min(ttl / 4, 5.0))
+            now = time.monotonic()
+            for entry in list(self._entries.values()):
+                if entry.evictable() and now - entry.last_used > ttl:
+                    await self._unload(entry, "idle")
+
+    # ------------------------------------------------------------ memory
+
+    @property
+    def used(self) -> int:
+        return sum(e.reserved for e in self._entries.values()) + self.kv_reserved
+
+    def _ceiling(self, entry: Entry) -> int:
+        """Bytes `entry` could ever have: the limit minus every other pinned model."""
+        pinned = sum(e.reserved for e in self._entries.values() if e.pinned and e is not entry)
+        return self.limit - pinned
+
+    def kv_ceiling(self, entry: Entry) -> int:
+        """KV bytes one request of a loaded model could ever reserve."""
+        return self._ceiling(entry) - entry.reserved
+
+    def changed(self) -> None:
+        """Wake the queue: memory was released or a model finished loading."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def admit(self, need: int, what: str, commit: Any) -> None:
+        """Wait, first in first out, until `need` bytes fit; then `commit()` reserves them."""
+        must_wait = bool(self._waiters) or not self._fits_now(need)
+        if must_wait and len(self._waiters) >= self.config.max_queue:
+            metrics.ADMISSION_REJECTED.labels(reason="queue_full").inc()
+            raise Overloaded(
+                f"The server is at capacity ({len(self._waiters)} requests waiting); retry later."
+            )
+        waiter = object()
+        self._waiters.append(waiter)
+        metrics.QUEUE_DEPTH.set(len(self._waiters))
+        start = time.monotonic()
+        try:
+            while True:
+                if self._waiters[0] is waiter and await self._make_room(need):
+                    commit()
+                    return
+                left = start + self.config.queue_timeout - time.monotonic()
+                if left <= 0:
+                    metrics.ADMISSION_REJECTED.labels(reason="timeout").inc()
+                    log.warning("not admitted", extra={"what": what, "need_bytes": need, "used": self.used})
+                    raise Overloaded(
+                        f"Not enough memory for this {what} now ({need} bytes needed, {self.used} of "
+                        f"{self.limit} reserved); retry later."
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), min(left, RECHECK_SECONDS))
+        finally:
+            self._waiters.remove(waiter)
+            metrics.QUEUE_DEPTH.set(len(self._waiters))
+            metrics.ADMISSION_WAIT_SECONDS.observe(time.monotonic() - start)
+            self.changed()
+
+    def _fits_now(self, need: int) -> bool:
+        return self.used + need <= self.limit and _system_has(need)
+
+    async def _make_room(self, need: int) -> bool:
+        """Whether `need` fits, after evicting least recently used idle models if that helps."""
+        while self.used + need > self.limit:
+            idle = [e for e in self._entries.values() if e.evictable()]
+            if sum(e.reserved for e in idle) < self.used + need - self.limit:
+                return False  # evicting every idle model would not be enough
+            await self._unload(min(idle, key=lambda e: e.last_used), "lru")
+        return _system_has(need)
+
+    def describe(self, entry: Entry) -> dict[str, Any]:
+        engine = entry.engine
+        return {
+            "id": entry.id,
+            "target": entry.target,
+            "status": entry.status,
+            "pinned": entry.pinned,
+            "weight_bytes": engine.loaded.weight_bytes if engine else None,
+            "kv_bytes_per_token": engine.loaded.kv_bytes_per_token if engine else None,
+            "context_length": engine.loaded.context_length if engine else None,
+            "reserved_bytes": entry.reserved,
+            "active_requests": entry.holders,
+            "idle_seconds": round(time.monotonic() - entry.last_used, 1) if engine else None,
+            "load_progress": round(entry.progress[0] / max(entry.progress[1], 1), 3)
+            if entry.progress
+            else None,
+            "error": entry.error,
+        }
+
+    def models(self) -> list[Entry]:
+        """Every model that is loaded, loading, or available without a download."""
+        entries = {k.target: self._entries.get(k.target) or self._new(k) for k in self.registry.available()}
+        entries.update({e.target: e for e in self._entries.values()})
+        return list(entries.values())
+
+    def status(self) -> dict[str, Any]:
+        entries = self.models()
+        return {
+            "memory_limit": self.limit,
+            "memory_used": self.used,
+            "kv_reserved": self.kv_reserved,
+            "queue_depth": len(self._waiters),
+            "models": [self.describe(e) for e in entries],
+        }
+
+    async def close(self) -> None:
+        for entry in self._entries.values():
+            if entry.loading is not None:
+                entry.loading.cancel()
+            if entry.engine is not None:
+                await asyncio.to_thread(entry.engine.close)
+
+
+def _system_has(need: int) -> bool:
+    """Whether the memory the system has free right now takes `need` more bytes."""
+    snap = memory.snapshot()
+    if snap is None:
+        return True
+    if snap["pressure"] == "critical":
+        return False
+    return need + HEADROOM_BYTES <= snap["effective_available_bytes"]
+
+
+def _release(engines: list[Engine]) -> None:
+    """Stop an engine and give its memory back to the system."""
+    engines.pop().close()
+    gc.collect()
+    mx.clear_cache()
+
+
+def _open(entry: Entry, path: Path, prefix_cache: Any) -> Engine:
+    """Load a model and start its engine (on a thread: both read files)."""
+    loaded = load_model(entry.id, path, lambda done, total: setattr(entry, "progress", (done, total)))
+    return Engine(loaded, prefix_cache(loaded))
