@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,9 +114,12 @@ class Worker(Server):
 
 
 @contextmanager
-def run_worker(model: str, log_path: Path, *args: str, timeout: float = 120.0) -> Iterator[Worker]:
-    """A real worker process on a free port; waits for /ready, always cleans up."""
-    cmd = [sys.executable, "-m", "mlx_flash.worker", "--model", model, "--port", "0", *args]
+def run_worker(
+    model: str, log_path: Path, *args: str, timeout: float = 120.0, prefix: Sequence[str] = ()
+) -> Iterator[Worker]:
+    """A real worker process on a free port; waits for /ready, always cleans up. `prefix` runs
+    before the worker in the same process (a shell that joins a cgroup, then execs it)."""
+    cmd = [*prefix, sys.executable, "-m", "mlx_flash.worker", "--model", model, "--port", "0", *args]
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
