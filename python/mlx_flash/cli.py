@@ -4,22 +4,49 @@
   mlx-flash worker [--model M] [--port P] ...                              one worker, no sidecar
 
 `serve` runs the Rust sidecar in this process (`mlx-flash serve --help` lists its flags); it starts
-and supervises the workers itself.
+and supervises the workers itself. Worker flags about models, memory and caches (`mlx-flash worker
+--help`: --pin, --memory-limit, --prefix-cache-dir, ...) and any --model after the first are handed
+to every worker.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 from mlx_flash import __version__, _native, worker
 
 
+def split_worker_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """(the sidecar's arguments, the workers'): engine flags and extra --model go to the workers."""
+    if "--" in args:  # the caller split them already
+        i = args.index("--")
+        return args[:i], args[i + 1 :]
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    worker.add_engine_flags(p)
+    _, rest = p.parse_known_args(args)
+    sidecar, workers, j = [], [], 0
+    for arg in args:  # what parse_known_args left, in order, is the sidecar's
+        if j < len(rest) and arg == rest[j]:
+            sidecar.append(arg)
+            j += 1
+        else:
+            workers.append(arg)
+    models = [i for i, a in enumerate(sidecar) if a == "--model" or a.startswith("--model=")]
+    for i in reversed(models[1:]):
+        moved = sidecar[i : i + (1 if "=" in sidecar[i] else 2)]
+        del sidecar[i : i + len(moved)]
+        workers = [*moved, *workers]
+    return sidecar, workers
+
+
 def serve(args: list[str]) -> int:
     """Run the sidecar; workers are started with this interpreter unless told otherwise."""
     os.environ.setdefault("MLX_FLASH_PYTHON", sys.executable)
+    sidecar, workers = split_worker_args(args)
     try:
-        return _native.serve(args)
+        return _native.serve([*sidecar, "--", *workers] if workers else sidecar)
     except KeyboardInterrupt:
         # The sidecar already drained and stopped on this Ctrl-C; Python saw it too.
         return 0

@@ -263,13 +263,8 @@ def run(config: WorkerConfig) -> int:
     return 1 if state.load_error else 0
 
 
-def add_worker_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        action="append",
-        help="a model to load at start: 'demo' (built in), a local mlx-lm model directory, a Hugging Face "
-        "repo id, or an alias; repeat for several (default: demo, or MLX_FLASH_MODEL, comma-separated)",
-    )
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """Flags about models, memory and caches; `mlx-flash serve` hands them to its workers."""
     p.add_argument("--pin", action="append", default=[], help="load at start and never evict; repeatable")
     p.add_argument(
         "--aliases",
@@ -300,21 +295,6 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
         default=float(env_default("QUEUE_TIMEOUT", str(DEFAULT_QUEUE_TIMEOUT)) or DEFAULT_QUEUE_TIMEOUT),
         help="seconds a request may wait for memory before 503 with Retry-After",
     )
-    p.add_argument("--host", default=env_default("HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=env_int("PORT", 8080), help="0 picks a free port")
-    p.add_argument(
-        "--api-key",
-        default=env_default("API_KEY", None),
-        help="require this key (Bearer or x-api-key); mandatory off loopback",
-    )
-    p.add_argument("--uds", default=None, help="listen on this Unix socket instead of host:port")
-    p.add_argument(
-        "--parent-pid", type=int, default=None, help="exit when this process (the supervisor) goes away"
-    )
-    p.add_argument("--worker-id", default=None, help="set by the sidecar: names this worker's SSD cache dir")
-    p.add_argument(
-        "--local-workers", type=int, default=1, help="set by the sidecar: workers sharing this host"
-    )
     p.add_argument(
         "--prefix-cache-bytes",
         type=int,
@@ -331,6 +311,31 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         default=env_int("PREFIX_CACHE_DISK_BYTES", DEFAULT_PREFIX_CACHE_DISK_BYTES),
         help="disk budget of the prefix cache",
+    )
+
+
+def add_worker_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        action="append",
+        help="a model to load at start: 'demo' (built in), a local mlx-lm model directory, a Hugging Face "
+        "repo id, or an alias; repeat for several (default: demo, or MLX_FLASH_MODEL, comma-separated)",
+    )
+    add_engine_flags(p)
+    p.add_argument("--host", default=env_default("HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=env_int("PORT", 8080), help="0 picks a free port")
+    p.add_argument(
+        "--api-key",
+        default=env_default("API_KEY", None),
+        help="require this key (Bearer or x-api-key); mandatory off loopback",
+    )
+    p.add_argument("--uds", default=None, help="listen on this Unix socket instead of host:port")
+    p.add_argument(
+        "--parent-pid", type=int, default=None, help="exit when this process (the supervisor) goes away"
+    )
+    p.add_argument("--worker-id", default=None, help="set by the sidecar: names this worker's SSD cache dir")
+    p.add_argument(
+        "--local-workers", type=int, default=1, help="set by the sidecar: workers sharing this host"
     )
     p.add_argument("--max-body-bytes", type=int, default=env_int("MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES))
     p.add_argument(
