@@ -26,6 +26,9 @@ class WorkerConfig:
     idle_ttl: float = 0.0  # seconds; 0 keeps an idle model until memory is needed
     max_queue: int = DEFAULT_MAX_QUEUE
     queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
+    kv_bits: int | None = None
+    kv_group_size: int = 64
+    quantized_kv_start: int = 5000
     worker_id: str | None = None
     local_workers: int = 1
     host: str = "127.0.0.1"
@@ -53,6 +56,10 @@ class WorkerConfig:
             parse_size(self.memory_limit, 1)
         if self.idle_ttl < 0 or self.queue_timeout < 0 or self.max_queue < 0:
             raise ValueError("--idle-ttl, --queue-timeout and --max-queue must be >= 0")
+        if self.kv_bits is not None and self.kv_bits not in (2, 3, 4, 5, 6, 8):
+            raise ValueError("--kv-bits must be 2, 3, 4, 5, 6 or 8")
+        if self.kv_group_size not in (32, 64, 128) or self.quantized_kv_start < 0:
+            raise ValueError("--kv-group-size must be 32, 64 or 128 and --quantized-kv-start >= 0")
         if self.local_workers < 1:
             raise ValueError("--local-workers must be >= 1")
         if self.worker_id is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.worker_id):

@@ -296,6 +296,17 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         help="seconds a request may wait for memory before 503 with Retry-After",
     )
     p.add_argument(
+        "--kv-bits",
+        type=int,
+        default=env_int("KV_BITS", 0) or None,
+        help="quantize the KV cache to this many bits (mlx-lm's, from --quantized-kv-start tokens on); "
+        "requests then run one at a time, without batching, and the SSD prefix tier is off",
+    )
+    p.add_argument("--kv-group-size", type=int, default=64, help="group size of KV quantization")
+    p.add_argument(
+        "--quantized-kv-start", type=int, default=5000, help="tokens kept unquantized before KV quantization"
+    )
+    p.add_argument(
         "--prefix-cache-bytes",
         type=int,
         default=env_int("PREFIX_CACHE_BYTES", DEFAULT_PREFIX_CACHE_BYTES),
@@ -354,6 +365,9 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
         idle_ttl=args.idle_ttl,
         max_queue=args.max_queue,
         queue_timeout=args.queue_timeout,
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
+        quantized_kv_start=args.quantized_kv_start,
         host=args.host,
         port=args.port,
         uds=args.uds,

@@ -9,7 +9,7 @@ import openai
 import pytest
 from mlx_lm import generate, load
 
-from helpers import Worker
+from helpers import Worker, build_model, run_worker
 
 PROMPTS = ["Hello there, what is", "What is 12+7?", '{"key": [1, 2', "café 東京 🙂 and"]
 MAX_TOKENS = 40
@@ -97,3 +97,30 @@ def test_concurrent_requests_in_one_batch_match_their_solo_output(
         got = list(pool.map(complete, prompts))
     assert got == expected
     assert steps_with_company() > before, "the requests never shared a decode step"
+
+
+def test_kv_bits_output_matches_mlx_lm_generate_with_the_same_quantization(tmp_path: Path) -> None:
+    """--kv-bits runs requests one at a time through mlx-lm's quantized KV cache: concurrent requests
+    and prefix-cache hits give what mlx_lm.generate gives with the same kv_bits."""
+    path = build_model("qwen3", tmp_path / "qwen3-hd32", seed=1, head_dim=32)  # quantized in groups of 32
+    model, tokenizer = load(str(path))
+    quant = {"kv_bits": 4, "kv_group_size": 32, "quantized_kv_start": 0}
+    expected = [generate(model, tokenizer, p, max_tokens=MAX_TOKENS, **quant) for p in PROMPTS]  # type: ignore[arg-type]
+    plain = [generate(model, tokenizer, p, max_tokens=MAX_TOKENS) for p in PROMPTS]
+    assert all(expected) and expected != plain  # the quantization is real: it changes the output
+    args = ["--kv-bits", "4", "--kv-group-size", "32", "--quantized-kv-start", "0"]
+    with run_worker(str(path), tmp_path / "w.log", *args) as w:
+        c = openai.OpenAI(base_url=f"{w.url}/v1", api_key="unused", max_retries=0)
+
+        def complete(prompt: str) -> tuple[str, int]:
+            r = c.completions.create(model=str(path), prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+            assert r.usage is not None
+            details = r.usage.prompt_tokens_details
+            return r.choices[0].text, (details.cached_tokens or 0) if details else 0
+
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            first = list(pool.map(complete, PROMPTS))
+        assert [text for text, _ in first] == expected
+        again, cached = complete(PROMPTS[1])
+        assert again == expected[1] and cached > 0
+        assert w.metric("mlx_flash_batch_size_count", 0.0, model=str(path)) == 0  # never batched

@@ -15,9 +15,11 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, GenerationBatch
+from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, BatchGenerator, GenerationBatch, generate_step
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import LogitsProcessor, Sampler, make_logits_processors, make_sampler
 from prometheus_client import Gauge
 
@@ -101,16 +103,19 @@ class Engine:
         prefix_cache: PrefixCache | None = None,
         max_batch: int = 32,
         prefill_step: int = 512,
+        kv_quantization: KvQuantization | None = None,
     ) -> None:
         self.loaded = loaded
         self.prefix_cache = prefix_cache or PrefixCache(loaded.id, DEFAULT_PREFIX_CACHE_BYTES)
         self.max_batch = max_batch
         self.prefill_step = prefill_step
+        self.kv_quantization = kv_quantization
         self.token_bytes = TokenBytes(loaded.tokenizer)
         self.vocab_size = int(loaded.config.get("vocab_size") or len(loaded.tokenizer))
         self._jobs: queue.Queue[RequestHandle | None] = queue.Queue()
         self._in_flight = metrics.REQUESTS_IN_FLIGHT.labels(model=loaded.id)
-        self._thread = threading.Thread(target=self._run, name=f"engine:{loaded.id}", daemon=True)
+        run = self._run_serial if kv_quantization else self._run
+        self._thread = threading.Thread(target=run, name=f"engine:{loaded.id}", daemon=True)
         self._thread.start()
 
     def submit(self, request: GenerationRequest, on_close: Callable[[], None] | None = None) -> RequestHandle:
@@ -181,6 +186,59 @@ class Engine:
             for uid in finished:
                 streams.pop(uid).close()
 
+    def _run_serial(self) -> None:
+        """With KV quantization, one request at a time: mlx-lm quantizes the KV cache only in its
+        single-sequence `generate_step` (mlx_lm.server also stops batching with --kv-bits)."""
+        while True:
+            handle = self._jobs.get()
+            if handle is None:
+                return
+            if handle.cancelled:
+                self._in_flight.dec()
+                handle.closed()
+                continue
+            self._generate_one(handle)
+
+    def _generate_one(self, handle: RequestHandle) -> None:
+        req, q = handle.request, self.kv_quantization
+        assert q is not None
+        cache, rest = self.prefix_cache.fetch(req.prompt_tokens)
+        cache = cache or make_prompt_cache(self.loaded.model)
+        stream = _Stream(handle, self, self._in_flight, len(req.prompt_tokens) - len(rest))
+        metrics.QUEUE_SECONDS.labels(model=self.loaded.id).observe(time.perf_counter() - handle.submitted)
+        metrics.PROMPT_TOKENS.labels(model=self.loaded.id).inc(len(req.prompt_tokens))
+        tokens = list(req.prompt_tokens)
+        eos = set(self.loaded.tokenizer.eos_token_ids)
+        steps = generate_step(
+            mx.array(rest),
+            self.loaded.model,
+            max_tokens=req.max_tokens,
+            sampler=_sampler(req.sampling),
+            logits_processors=_logits_processors(req.sampling),
+            prompt_cache=cache,
+            prefill_step_size=self.prefill_step,
+            kv_bits=q.bits,
+            kv_group_size=q.group_size,
+            quantized_kv_start=q.start,
+        )
+        try:
+            for n, (token, logprobs) in enumerate(steps, start=1):
+                finish = "stop" if token in eos else "length" if n == req.max_tokens else None
+                tokens.append(int(token))
+                if stream.step(_Step(int(token), logprobs, finish)):
+                    break
+        except Exception:
+            log.exception("generation failed", extra={"model": self.loaded.id})
+            stream.fail("internal error during generation")
+            return
+        finally:
+            steps.close()
+        stream.close()
+        # The cache holds the prompt and every generated token fed back so far.
+        fed = cache[0].offset
+        if fed <= len(tokens):
+            self.prefix_cache.store(tokens[:fed], cache)
+
     def _remove(self, generator: BatchGenerator, uids: list[int]) -> None:
         """Take requests out of the batch, keeping what they computed for the prefix cache."""
         caches = generator.remove(uids, return_prompt_caches=True)  # type: ignore[no-untyped-call]
@@ -215,6 +273,24 @@ class Engine:
         metrics.QUEUE_SECONDS.labels(model=model_id).observe(time.perf_counter() - handle.submitted)
         metrics.PROMPT_TOKENS.labels(model=model_id).inc(len(req.prompt_tokens))
         streams[uid] = _Stream(handle, self, self._in_flight, cached)
+
+
+@dataclass(frozen=True)
+class KvQuantization:
+    """mlx-lm's KV cache quantization: `bits` per element in groups, from token `start` on."""
+
+    bits: int
+    group_size: int = 64
+    start: int = DEFAULT_QUANTIZED_KV_START
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One token of a serial generation, shaped like a `GenerationBatch.Response`."""
+
+    token: int
+    logprobs: mx.array
+    finish_reason: str | None
 
 
 def _sampler(s: SamplingParams) -> Sampler | None:
@@ -267,7 +343,7 @@ class _Stream:
         self._inter_token = metrics.INTER_TOKEN_SECONDS.labels(model=model_id)
         self._ttft = metrics.TTFT_SECONDS.labels(model=model_id)
 
-    def step(self, r: GenerationBatch.Response) -> bool:
+    def step(self, r: GenerationBatch.Response | _Step) -> bool:
         """Take one generated token; True when this request is done."""
         if self.handle.cancelled:  # the client went away: stop within one token
             return True

@@ -99,12 +99,17 @@ def kv_bytes_per_token(config: dict[str, Any], dtype: mx.Dtype) -> int:
 
     An upper bound for models whose layers keep less (sliding windows, linear attention)."""
     c = config.get("text_config", config)
-    hidden = int(c.get("hidden_size") or c.get("d_model") or 0)
     heads = int(c.get("num_attention_heads") or c.get("n_heads") or 1)
     kv_heads = int(c.get("num_key_value_heads") or heads)
-    head_dim = int(c.get("head_dim") or (hidden // heads if hidden else 128))
     layers = int(c.get("num_hidden_layers") or c.get("n_layers") or 1)
-    return 2 * layers * kv_heads * head_dim * dtype.size
+    return 2 * layers * kv_heads * head_dim(config) * dtype.size
+
+
+def head_dim(config: dict[str, Any]) -> int:
+    c = config.get("text_config", config)
+    hidden = int(c.get("hidden_size") or c.get("d_model") or 0)
+    heads = int(c.get("num_attention_heads") or c.get("n_heads") or 1)
+    return int(c.get("head_dim") or (hidden // heads if hidden else 128))
 
 
 def _activation_dtype(leaves: list[tuple[str, mx.array]]) -> mx.Dtype:

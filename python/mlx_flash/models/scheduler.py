@@ -35,10 +35,10 @@ from mlx_flash.api.errors import (
 )
 from mlx_flash.config import WorkerConfig
 from mlx_flash.engine.disk_cache import DiskCache, model_key
-from mlx_flash.engine.engine import Engine, RequestHandle
+from mlx_flash.engine.engine import Engine, KvQuantization, RequestHandle
 from mlx_flash.engine.prefix_cache import PrefixCache
 from mlx_flash.engine.request import GenerationRequest
-from mlx_flash.models.loader import LoadedModel, load_model, resolve, weight_file_bytes
+from mlx_flash.models.loader import LoadedModel, head_dim, load_model, resolve, weight_file_bytes
 from mlx_flash.models.registry import Known, Registry
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ class Scheduler:
             await self.admit(need, f"load of {entry.id}", lambda: setattr(entry, "reserved", need))
             started = time.perf_counter()
             try:
-                engine = await asyncio.to_thread(_open, entry, path, self._prefix_cache)
+                engine = await asyncio.to_thread(_open, entry, path, self.config, self._prefix_cache)
             except Exception as e:
                 entry.reserved = 0
                 log.exception("model failed to load", extra={"model": entry.id})
@@ -242,7 +242,8 @@ class Scheduler:
 
     def _prefix_cache(self, loaded: LoadedModel) -> PrefixCache:
         disk = None
-        if self.config.prefix_cache_dir:
+        # Quantized KV entries could not join a batch after a restart without --kv-bits: RAM only.
+        if self.config.prefix_cache_dir and self.config.kv_bits is None:
             root = Path(self.config.prefix_cache_dir)
             if self.config.worker_id:  # workers of one host each keep their own tier
                 root = root / self.config.worker_id
@@ -396,7 +397,14 @@ def _release(engines: list[Engine]) -> None:
     mx.clear_cache()
 
 
-def _open(entry: Entry, path: Path, prefix_cache: Any) -> Engine:
+def _open(entry: Entry, path: Path, config: WorkerConfig, prefix_cache: Any) -> Engine:
     """Load a model and start its engine (on a thread: both read files)."""
     loaded = load_model(entry.id, path, lambda done, total: setattr(entry, "progress", (done, total)))
-    return Engine(loaded, prefix_cache(loaded))
+    q = None
+    if config.kv_bits is not None:
+        q = KvQuantization(config.kv_bits, config.kv_group_size, config.quantized_kv_start)
+        if head_dim(loaded.config) % q.group_size:
+            raise ValueError(
+                f"--kv-group-size {q.group_size} must divide the head size {head_dim(loaded.config)}"
+            )
+    return Engine(loaded, prefix_cache(loaded), kv_quantization=q)
