@@ -67,6 +67,29 @@ def test_a_zero_budget_turns_the_cache_off(tmp_path: Path, model_path: dict[str,
             assert r.usage.prompt_tokens_details.cached_tokens == 0
 
 
+def test_the_ram_tier_evicts_least_recently_used_entries_within_its_budget(
+    tmp_path: Path, model_path: dict[str, Path]
+) -> None:
+    name, budget = str(model_path["llama"]), 100_000  # about two entries
+    with (
+        run_worker(name, tmp_path / "worker.log", "--prefix-cache-bytes", str(budget)) as worker,
+        openai.OpenAI(base_url=f"{worker.url}/v1", api_key="unused", max_retries=0) as c,
+    ):
+
+        def cached(prompt: str) -> int:
+            r = c.completions.create(model=name, prompt=prompt, max_tokens=4, temperature=0)
+            assert r.usage is not None and r.usage.prompt_tokens_details is not None
+            return r.usage.prompt_tokens_details.cached_tokens or 0
+
+        prompts = [f"{i} distinct topic number {i} " * 6 for i in "ABCDE"]
+        for p in prompts:
+            cached(p)
+        assert worker.metric("mlx_flash_prefix_cache_evictions_total", model=name, tier="ram") >= 2
+        assert 0 < worker.metric("mlx_flash_prefix_cache_bytes", model=name, tier="ram") <= budget
+        assert cached(prompts[-1]) > 0  # the newest entry is still there
+        assert cached(prompts[0]) < 4  # the oldest was evicted
+
+
 def _entries(root: Path) -> list[Path]:
     """Data files of complete entries: the index is written last, after the data is in place."""
     return sorted(index.with_suffix(".safetensors") for index in root.glob("v*/*/[!.]*.json"))

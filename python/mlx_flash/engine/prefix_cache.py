@@ -23,7 +23,10 @@ class PrefixCache:
         self.model_id = model_id
         self.enabled = max_bytes > 0
         self.disk = disk
-        self._lru = LRUPromptCache(max_size=MAX_ENTRIES, max_bytes=max_bytes)
+        self.max_bytes = max_bytes
+        # Evicted by trim_to below, not inside insert_cache, so evictions can be counted.
+        self._lru = LRUPromptCache(max_size=1 << 62)
+        self._evicted = metrics.PREFIX_CACHE_EVICTIONS.labels(model=model_id, tier="ram")
         self._hits = metrics.PREFIX_CACHE_HITS.labels(model=model_id, tier="ram")
         self._reused = metrics.PREFIX_CACHE_TOKENS.labels(model=model_id, tier="ram")
         self._bytes = metrics.PREFIX_CACHE_BYTES.labels(model=model_id, tier="ram")
@@ -58,6 +61,9 @@ class PrefixCache:
             return
         if self.enabled:
             self._lru.insert_cache(self.model_id, list(tokens), cache)
+            held = len(self._lru)
+            self._lru.trim_to(n_sequences=MAX_ENTRIES, n_bytes=self.max_bytes)
+            self._evicted.inc(held - len(self._lru))
             self._bytes.set(self._lru.nbytes)
         if self.disk is not None:
             self.disk.store(tokens, cache)
