@@ -89,6 +89,7 @@ fn worker_json(b: &Backend) -> Value {
         "pid": status.pid,
         "state": status.state,
         "models": status.models,
+        "loaded": status.loaded,
         "in_flight": b.in_flight(),
         "weight": b.weight,
         "restarts": status.restarts,

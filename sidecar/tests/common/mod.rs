@@ -183,6 +183,7 @@ pub async fn sidecar_with_keys(urls: &[(&str, &str, Option<&str>)], flags: &[&st
                 let mut status = b.status();
                 status.state = WorkerState::Ready;
                 status.models = vec![model.to_string()];
+                status.loaded = vec![model.to_string()];
             }
             b
         })
