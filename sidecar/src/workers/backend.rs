@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode, Uri};
+use hyper::{HeaderMap, Method, Request, StatusCode, Uri};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -241,14 +241,28 @@ impl Backend {
 
     /// GET `path` (with this backend's key) and read the whole body, within `timeout`.
     pub async fn get(&self, path: &str, timeout: Duration) -> Result<(StatusCode, Bytes), String> {
+        let answer = self.send(Method::GET, path, Bytes::new(), timeout).await?;
+        Ok((answer.status, answer.body))
+    }
+
+    /// Send `body` (JSON, if any) to `path` with this backend's key, and read the whole answer
+    /// within `timeout`.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Answer, String> {
         let uri = self.uri(path).map_err(|e| e.to_string())?;
-        let mut request = Request::builder().method(Method::GET).uri(uri);
+        let mut request = Request::builder().method(method).uri(uri);
         if let Some(auth) = self.authorization() {
             request = request.header("authorization", auth);
         }
-        let request = request
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| e.to_string())?;
+        if !body.is_empty() {
+            request = request.header("content-type", "application/json");
+        }
+        let request = request.body(Full::new(body)).map_err(|e| e.to_string())?;
         let exchange = async {
             let response = self.client.request(request).await.map_err(|e| {
                 let source = std::error::Error::source(&e).map(ToString::to_string);
@@ -257,19 +271,33 @@ impl Backend {
                     source.map(|s| format!(": {s}")).unwrap_or_default()
                 )
             })?;
-            let status = response.status();
-            let body = response
-                .into_body()
+            let (head, body) = response.into_parts();
+            let body = body
                 .collect()
                 .await
                 .map_err(|e| format!("{path}: {e}"))?
                 .to_bytes();
-            Ok((status, body))
+            Ok(Answer {
+                status: head.status,
+                headers: head.headers,
+                body,
+            })
         };
         tokio::time::timeout(timeout, exchange)
             .await
             .unwrap_or_else(|_| Err(format!("{path}: no answer within {timeout:?}")))
     }
+}
+
+/// A backend's whole answer to one request.
+#[derive(Debug)]
+pub struct Answer {
+    /// Its status.
+    pub status: StatusCode,
+    /// Its headers.
+    pub headers: HeaderMap,
+    /// Its body, read whole.
+    pub body: Bytes,
 }
 
 /// What a probe found.
