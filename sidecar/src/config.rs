@@ -30,8 +30,8 @@ pub enum PolicyName {
     name = "mlx-flash serve",
     version,
     after_help = "Arguments after `--` are appended to every local worker's command line, after the \
-                  sidecar's own (--model, --worker-id, --local-workers, ...), so they can override \
-                  them: mlx-flash serve --workers 2 -- --memory-limit 8G --pin demo"
+                  sidecar's own (--model, --worker-id, --local-workers, ...): \
+                  mlx-flash serve --workers 2 -- --memory-limit 8G --pin demo"
 )]
 pub struct Config {
     /// Model the local workers serve: 'demo', a local mlx-lm directory, or a Hugging Face repo id.

@@ -217,7 +217,7 @@ impl Supervisor {
 }
 
 /// The command line of local worker `id` on `socket`: our flags, then the user's `--` arguments
-/// last, so they can override ours.
+/// last, so a repeated flag overrides ours (or, like `--model`, adds to it).
 fn worker_command(settings: &Settings, id: &str, socket: &Path) -> Command {
     let flags = &settings.flags;
     let mut command = Command::new(&flags.python);
