@@ -10,7 +10,7 @@ use futures_util::future::join_all;
 use serde_json::{json, Value};
 
 use crate::error::{ApiError, ErrorKind};
-use crate::workers::backend::{Backend, State as WorkerState};
+use crate::workers::backend::{Backend, ModelStatus, State as WorkerState};
 use crate::AppState;
 
 /// `GET /health`: liveness, with this host's memory (remote sidecars are probed with it).
@@ -38,7 +38,8 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
-/// `GET /v1/models` (and `/models`): the union of every ready backend's list, fetched now.
+/// `GET /v1/models` (and `/models`): the union of every ready backend's list, fetched now; a model
+/// listed by several shows its most ready status.
 pub async fn models(State(state): State<AppState>, request: axum::extract::Request) -> Response {
     let path = request.uri().path().to_owned();
     let ready: Vec<_> = state
@@ -53,14 +54,23 @@ pub async fn models(State(state): State<AppState>, request: axum::extract::Reque
         return ApiError::new(&path, kind).into_response();
     }
     let lists = join_all(ready.iter().map(|b| fetch_models(b))).await;
-    let mut data: Vec<Value> = Vec::new();
-    for item in lists.into_iter().flatten().flatten() {
-        let id = item.get("id").cloned();
-        if !data.iter().any(|d| d.get("id") == id.as_ref()) {
-            data.push(item);
+    let data = merge_models(lists.into_iter().flatten().flatten());
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// One entry per id, in order of first appearance, keeping the most ready (loaded > loading >
+/// available) of the entries that share it.
+fn merge_models(entries: impl IntoIterator<Item = Value>) -> Vec<Value> {
+    let mut merged: Vec<Value> = Vec::new();
+    for entry in entries {
+        let id = entry.get("id");
+        match merged.iter_mut().find(|m| m.get("id") == id) {
+            Some(kept) if ModelStatus::of(&entry) > ModelStatus::of(kept) => *kept = entry,
+            Some(_) => {}
+            None => merged.push(entry),
         }
     }
-    Json(json!({"object": "list", "data": data})).into_response()
+    merged
 }
 
 async fn fetch_models(backend: &Backend) -> Option<Vec<Value>> {
@@ -89,6 +99,7 @@ fn worker_json(b: &Backend) -> Value {
         "pid": status.pid,
         "state": status.state,
         "models": status.models,
+        "loaded": status.loaded,
         "in_flight": b.in_flight(),
         "weight": b.weight,
         "restarts": status.restarts,
@@ -162,4 +173,34 @@ pub async fn status(State(state): State<AppState>) -> Json<Value> {
         "sessions": stats.sessions,
         "memory": memory,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merged_models_keep_the_most_ready_entry_per_id() {
+        let entries = [
+            json!({"id": "a", "status": "available", "from": 0}),
+            json!({"id": "b", "status": "loading", "from": 0}),
+            json!({"id": "a", "status": "loading", "from": 1}),
+            json!({"id": "b", "status": "available", "from": 1}),
+            json!({"id": "a", "from": 2}),
+            json!({"id": "c", "status": "available", "from": 2}),
+        ];
+        let merged = merge_models(entries);
+        let picked: Vec<_> = merged
+            .iter()
+            .map(|m| (m["id"].clone(), m["from"].clone()))
+            .collect();
+        assert_eq!(
+            picked,
+            [
+                (json!("a"), json!(2)),
+                (json!("b"), json!(0)),
+                (json!("c"), json!(2))
+            ]
+        );
+    }
 }

@@ -26,7 +26,13 @@ pub enum PolicyName {
 
 /// `mlx-flash serve`: the front door in front of N local workers and any remote backends.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "mlx-flash serve", version)]
+#[command(
+    name = "mlx-flash serve",
+    version,
+    after_help = "Arguments after `--` are appended to every local worker's command line, after the \
+                  sidecar's own (--model, --worker-id, --local-workers, ...): \
+                  mlx-flash serve --workers 2 -- --memory-limit 8G --pin demo"
+)]
 pub struct Config {
     /// Model the local workers serve: 'demo', a local mlx-lm directory, or a Hugging Face repo id.
     #[arg(long, env = "MLX_FLASH_MODEL", default_value = "demo")]
@@ -86,6 +92,9 @@ pub struct Config {
     #[arg(long, env = "MLX_FLASH_LOG_LEVEL", default_value = "info",
           value_parser = ["debug", "info", "warning", "error"])]
     pub log_level: String,
+    /// Arguments for every local worker (`mlx-flash worker --help` lists them).
+    #[arg(last = true, value_name = "WORKER_ARGS")]
+    pub worker_args: Vec<String>,
 }
 
 /// A remote backend: routed like a local worker, health-checked, not supervised.
@@ -231,6 +240,26 @@ mod tests {
         let s = parse(&["--backend", "http://mac2.local:8080"]).unwrap();
         assert_eq!((s.workers, s.backends.len()), (0, 1));
         assert!(parse(&["--workers", "0"]).is_err());
+    }
+
+    #[test]
+    fn arguments_after_double_dash_are_for_workers() {
+        let s = parse(&[
+            "--workers",
+            "2",
+            "--",
+            "--memory-limit",
+            "8G",
+            "--pin",
+            "demo",
+        ])
+        .unwrap();
+        assert_eq!(s.workers, 2);
+        assert_eq!(
+            s.flags.worker_args,
+            ["--memory-limit", "8G", "--pin", "demo"]
+        );
+        assert!(parse(&[]).unwrap().flags.worker_args.is_empty());
     }
 
     #[test]

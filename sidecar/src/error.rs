@@ -124,6 +124,14 @@ impl ApiError {
             kind,
         }
     }
+
+    /// The status and JSON body this error answers with.
+    pub fn to_json(&self) -> (StatusCode, serde_json::Value) {
+        let status = self.kind.status();
+        let message = self.kind.to_string();
+        let body = error_body(self.family, status, self.kind.code(), &message);
+        (status, body)
+    }
 }
 
 /// The JSON error body of `family` for `message`; also used inside streams.
@@ -162,13 +170,7 @@ pub fn error_body(
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = self.kind.status();
-        let body = error_body(
-            self.family,
-            status,
-            self.kind.code(),
-            &self.kind.to_string(),
-        );
+        let (status, body) = self.to_json();
         let mut response = (status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
         if matches!(self.kind, ErrorKind::Unavailable(_)) {

@@ -13,6 +13,7 @@ pub mod logging;
 pub mod memory;
 pub mod metrics;
 mod metrics_merge;
+pub mod model_admin;
 pub mod proxy;
 pub mod routing;
 pub mod stream;
@@ -95,6 +96,8 @@ pub fn app(state: AppState) -> Router {
     let admin_actions = Router::new()
         .route("/admin/api/workers/{id}/restart", post(admin::restart))
         .route("/admin/api/shutdown", post(admin::shutdown))
+        // A wildcard must come last: the handler splits `/load` or `/unload` off the name.
+        .route("/admin/api/models/{*rest}", post(model_admin::action))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::admin));
     let mut router = Router::new()
         .route("/health", get(admin::health))
@@ -104,6 +107,7 @@ pub fn app(state: AppState) -> Router {
         .route("/models", get(admin::models))
         .route("/admin/api/workers", get(admin::workers))
         .route("/admin/api/status", get(admin::status))
+        .route("/admin/api/models", get(model_admin::table))
         .merge(admin_actions)
         .fallback(proxy::proxy)
         .layer(middleware::from_fn_with_state(state.clone(), auth::check))

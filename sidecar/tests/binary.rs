@@ -134,3 +134,39 @@ async fn a_worker_that_keeps_dying_is_marked_failed_after_the_restart_cap() {
     .unwrap();
     assert!(metrics.contains("mlx_flash_sidecar_worker_restarts_total{worker=\"worker-0\"} 3"));
 }
+
+#[tokio::test]
+async fn arguments_after_double_dash_reach_every_worker() {
+    // A stand-in Python that records its argv (one file per worker) and exits.
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("python");
+    let body = format!(
+        "#!/bin/sh\nprintf '%s\\n' \"$@\" > {0}/$$.tmp && mv {0}/$$.tmp {0}/$$.args\nexit 1\n",
+        dir.path().display()
+    );
+    std::fs::write(&script, body).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let script = script.to_str().unwrap();
+    let flags = ["--python", script, "--workers", "2", "--max-restarts", "0"];
+    let pass_through = ["--", "--memory-limit", "8G", "--pin", "demo"];
+    let _running = start(&[&flags[..], &pass_through[..]].concat());
+    let argv_files = || {
+        let entries = std::fs::read_dir(dir.path()).unwrap();
+        let paths = entries.map(|e| e.unwrap().path());
+        let argv = paths.filter(|p| p.extension().is_some_and(|x| x == "args"));
+        argv.map(|p| std::fs::read_to_string(p).unwrap())
+            .collect::<Vec<_>>()
+    };
+    wait_for("both workers to start", async || argv_files().len() == 2).await;
+    let mut ids: Vec<String> = Vec::new();
+    for argv in argv_files() {
+        let args: Vec<&str> = argv.lines().collect();
+        assert!(args.starts_with(&["-m", "mlx_flash.worker"]), "{args:?}");
+        assert!(args.ends_with(&pass_through[1..]), "{args:?}");
+        let after = |flag| args[args.iter().position(|a| *a == flag).unwrap() + 1];
+        assert_eq!(after("--local-workers"), "2");
+        ids.push(after("--worker-id").to_owned());
+    }
+    ids.sort();
+    assert_eq!(ids, ["worker-0", "worker-1"]);
+}

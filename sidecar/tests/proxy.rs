@@ -6,7 +6,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{joined, mock, open, send, sidecar, NDJSON_CHUNKS, SSE_CHUNKS};
+use common::{joined, mock, mock_with, open, probe_all, send, sidecar, NDJSON_CHUNKS, SSE_CHUNKS};
 use http_body_util::BodyExt;
 use serde_json::json;
 
@@ -253,6 +253,25 @@ async fn requests_go_only_to_workers_serving_the_model() {
         .map(|m| m["id"].clone())
         .collect();
     assert_eq!(ids, [json!("alpha"), json!("beta")]);
+}
+
+#[tokio::test]
+async fn requests_go_to_the_worker_that_has_the_model_loaded() {
+    let a = mock_with(&[("other", "loaded"), ("m", "available")]).await;
+    let b = mock_with(&[("m", "loaded")]).await;
+    let s = sidecar(
+        &[(&a.url, "other"), (&b.url, "m")],
+        &["--policy", "round_robin"],
+    )
+    .await;
+    probe_all(&s).await;
+    let chat = format!("{}/v1/chat/completions", s.url);
+    for _ in 0..4 {
+        let r = send("POST", &chat, &[], r#"{"model": "m"}"#).await;
+        assert_eq!(r.header("x-worker-id"), Some("remote-1"));
+    }
+    let r = send("POST", &chat, &[], r#"{"model": "other"}"#).await;
+    assert_eq!(r.header("x-worker-id"), Some("remote-0"));
 }
 
 #[tokio::test]

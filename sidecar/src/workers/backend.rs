@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode, Uri};
+use hyper::{HeaderMap, Method, Request, StatusCode, Uri};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -58,13 +58,40 @@ pub enum State {
     Stopped,
 }
 
+/// How ready one model is on a backend, from the `status` of its `/v1/models` entry; ordered from
+/// least to most ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelStatus {
+    /// Listed: the backend can load it on demand.
+    Available,
+    /// Being loaded.
+    Loading,
+    /// In memory and serving.
+    Loaded,
+}
+
+impl ModelStatus {
+    /// The status of a `/v1/models` entry. Entries without one (older workers, other servers)
+    /// serve what they list, so they count as loaded.
+    pub fn of(entry: &Value) -> ModelStatus {
+        match entry.get("status").and_then(Value::as_str) {
+            None | Some("loaded") => ModelStatus::Loaded,
+            Some("loading") => ModelStatus::Loading,
+            Some(_) => ModelStatus::Available,
+        }
+    }
+}
+
 /// Live status, updated by the supervisor and the probes.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     /// Lifecycle state.
     pub state: State,
-    /// Model ids from the backend's `/v1/models`.
+    /// Model ids from the backend's `/v1/models`, whatever their status: all the backend serves.
     pub models: Vec<String>,
+    /// The ones among `models` already loaded, which routing prefers.
+    pub loaded: Vec<String>,
     /// Process id of a local worker.
     pub pid: Option<u32>,
     /// Restarts so far.
@@ -111,6 +138,7 @@ impl Backend {
             status: Mutex::new(Status {
                 state: State::Starting,
                 models: Vec::new(),
+                loaded: Vec::new(),
                 pid: None,
                 restarts: 0,
                 last_error: None,
@@ -179,7 +207,7 @@ impl Backend {
         };
         let models = if ready.0 && refresh_models {
             match self.get_json("/v1/models").await {
-                Ok((StatusCode::OK, body)) => Some(model_ids(&body)),
+                Ok((StatusCode::OK, body)) => Some(model_list(&body)),
                 _ => None,
             }
         } else {
@@ -192,7 +220,9 @@ impl Backend {
             .map_or(Pressure::Normal, parse_pressure);
         status.memory = health.get("memory").cloned();
         if let Some(models) = models {
-            status.models = models;
+            let loaded = models.iter().filter(|(_, s)| *s == ModelStatus::Loaded);
+            status.loaded = loaded.map(|(id, _)| id.clone()).collect();
+            status.models = models.into_iter().map(|(id, _)| id).collect();
         }
         if ready.0 {
             Probe::Ready
@@ -211,14 +241,28 @@ impl Backend {
 
     /// GET `path` (with this backend's key) and read the whole body, within `timeout`.
     pub async fn get(&self, path: &str, timeout: Duration) -> Result<(StatusCode, Bytes), String> {
+        let answer = self.send(Method::GET, path, Bytes::new(), timeout).await?;
+        Ok((answer.status, answer.body))
+    }
+
+    /// Send `body` (JSON, if any) to `path` with this backend's key, and read the whole answer
+    /// within `timeout`.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Answer, String> {
         let uri = self.uri(path).map_err(|e| e.to_string())?;
-        let mut request = Request::builder().method(Method::GET).uri(uri);
+        let mut request = Request::builder().method(method).uri(uri);
         if let Some(auth) = self.authorization() {
             request = request.header("authorization", auth);
         }
-        let request = request
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| e.to_string())?;
+        if !body.is_empty() {
+            request = request.header("content-type", "application/json");
+        }
+        let request = request.body(Full::new(body)).map_err(|e| e.to_string())?;
         let exchange = async {
             let response = self.client.request(request).await.map_err(|e| {
                 let source = std::error::Error::source(&e).map(ToString::to_string);
@@ -227,19 +271,33 @@ impl Backend {
                     source.map(|s| format!(": {s}")).unwrap_or_default()
                 )
             })?;
-            let status = response.status();
-            let body = response
-                .into_body()
+            let (head, body) = response.into_parts();
+            let body = body
                 .collect()
                 .await
                 .map_err(|e| format!("{path}: {e}"))?
                 .to_bytes();
-            Ok((status, body))
+            Ok(Answer {
+                status: head.status,
+                headers: head.headers,
+                body,
+            })
         };
         tokio::time::timeout(timeout, exchange)
             .await
             .unwrap_or_else(|_| Err(format!("{path}: no answer within {timeout:?}")))
     }
+}
+
+/// A backend's whole answer to one request.
+#[derive(Debug)]
+pub struct Answer {
+    /// Its status.
+    pub status: StatusCode,
+    /// Its headers.
+    pub headers: HeaderMap,
+    /// Its body, read whole.
+    pub body: Bytes,
 }
 
 /// What a probe found.
@@ -255,15 +313,15 @@ pub enum Probe {
     Unreachable(String),
 }
 
-fn model_ids(body: &Value) -> Vec<String> {
-    body.get("data")
-        .and_then(Value::as_array)
-        .map(|items| {
-            items
-                .iter()
-                .filter_map(|m| m.get("id").and_then(Value::as_str).map(str::to_owned))
-                .collect()
-        })
+/// Each entry's id and status from a `/v1/models` body.
+fn model_list(body: &Value) -> Vec<(String, ModelStatus)> {
+    let items = body.get("data").and_then(Value::as_array);
+    let id_and_status = |m: &Value| {
+        let id = m.get("id").and_then(Value::as_str)?;
+        Some((id.to_owned(), ModelStatus::of(m)))
+    };
+    items
+        .map(|items| items.iter().filter_map(id_and_status).collect())
         .unwrap_or_default()
 }
 
@@ -288,5 +346,34 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn model_entries_without_a_status_count_as_loaded() {
+        let body = json!({"object": "list", "data": [
+            {"id": "a", "status": "loaded"},
+            {"id": "b", "status": "loading"},
+            {"id": "c", "status": "available"},
+            {"id": "d"},
+            {"object": "model"},
+        ]});
+        let list = model_list(&body);
+        let expected = [
+            ("a", ModelStatus::Loaded),
+            ("b", ModelStatus::Loading),
+            ("c", ModelStatus::Available),
+            ("d", ModelStatus::Loaded),
+        ];
+        let expected: Vec<_> = expected.iter().map(|(i, s)| (i.to_string(), *s)).collect();
+        assert_eq!(list, expected);
+        assert!(ModelStatus::Loaded > ModelStatus::Loading);
+        assert!(ModelStatus::Loading > ModelStatus::Available);
     }
 }

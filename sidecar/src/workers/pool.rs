@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::backend::{Backend, Probe, State};
+use super::backend::{Backend, Probe, State, Status};
 use crate::routing::{Candidate, Policy};
 
 /// How often remote backends are probed.
@@ -43,8 +43,8 @@ impl Pool {
         self.backends.iter().find(|b| &*b.id == id)
     }
 
-    /// Ready backends that serve `model`, minus `exclude`. When none serves the model, every ready
-    /// backend is a candidate, so a worker answers "model not found" in its API's own shape.
+    /// Ready backends for `model`, minus `exclude`: those that have it loaded, else those that list
+    /// it, else every ready one, so a worker answers "model not found" in its API's own shape.
     pub fn candidates(
         &self,
         model: Option<&str>,
@@ -56,13 +56,12 @@ impl Pool {
             let status = b.status();
             match status.state {
                 State::Ready if !exclude.contains(&b.id) => {
-                    let serves = model.is_none_or(|m| status.models.iter().any(|id| id == m));
                     let candidate = Candidate {
                         id: b.id.clone(),
                         load: b.load(),
                         pressure: status.pressure,
                     };
-                    ready.push((serves, b.clone(), candidate));
+                    ready.push((fit(&status, model), b.clone(), candidate));
                 }
                 State::Starting | State::Loading | State::Restarting => loading = true,
                 _ => {}
@@ -75,10 +74,10 @@ impl Pool {
                 NoBackend::Down
             });
         }
-        let any_serves = ready.iter().any(|(serves, ..)| *serves);
+        let best = ready.iter().map(|(fit, ..)| *fit).max();
         Ok(ready
             .into_iter()
-            .filter(|(serves, ..)| *serves || !any_serves)
+            .filter(|(fit, ..)| Some(*fit) == best)
             .map(|(_, b, c)| (b, c))
             .collect())
     }
@@ -88,6 +87,31 @@ impl Pool {
         self.backends
             .iter()
             .any(|b| b.status().state == State::Ready)
+    }
+}
+
+/// How well a ready backend fits a request; candidates come from the best fit present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fit {
+    /// Does not list the model.
+    Unlisted,
+    /// Lists it, but may have to load it first.
+    Listed,
+    /// Has it loaded (or the request names no model).
+    Loaded,
+}
+
+fn fit(status: &Status, model: Option<&str>) -> Fit {
+    let Some(model) = model else {
+        return Fit::Loaded;
+    };
+    let has = |ids: &[String]| ids.iter().any(|id| id == model);
+    if has(&status.loaded) {
+        Fit::Loaded
+    } else if has(&status.models) {
+        Fit::Listed
+    } else {
+        Fit::Unlisted
     }
 }
 
@@ -126,5 +150,71 @@ pub async fn watch_remote(backend: Arc<Backend>, policy: Arc<dyn Policy>, stop: 
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(REMOTE_PROBE_INTERVAL) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workers::backend::Location;
+
+    /// A ready backend listing `models`, of which `loaded` are loaded.
+    fn ready(id: &str, models: &[&str], loaded: &[&str]) -> Arc<Backend> {
+        let location = Location::Remote {
+            url: format!("http://{id}:1"),
+            api_key: None,
+        };
+        let b = Arc::new(Backend::new(id.to_owned(), location, 1.0));
+        {
+            let mut status = b.status();
+            status.state = State::Ready;
+            status.models = models.iter().map(|m| m.to_string()).collect();
+            status.loaded = loaded.iter().map(|m| m.to_string()).collect();
+        }
+        b
+    }
+
+    fn ids(pool: &Pool, model: Option<&str>, exclude: &[&str]) -> Vec<String> {
+        let exclude: Vec<Arc<str>> = exclude.iter().map(|&e| e.into()).collect();
+        let candidates = pool.candidates(model, &exclude).unwrap();
+        candidates.iter().map(|(b, _)| b.id.to_string()).collect()
+    }
+
+    #[test]
+    fn backends_with_the_model_loaded_come_first() {
+        let pool = Pool::new(vec![
+            ready("w0", &["m", "x"], &["x"]),
+            ready("w1", &["m"], &["m"]),
+            ready("w2", &["x"], &["x"]),
+        ]);
+        assert_eq!(ids(&pool, Some("m"), &[]), ["w1"]);
+        // Failing over from the one that has it loaded: those that list it.
+        assert_eq!(ids(&pool, Some("m"), &["w1"]), ["w0"]);
+        assert_eq!(ids(&pool, Some("x"), &[]), ["w0", "w2"]);
+    }
+
+    #[test]
+    fn backends_that_list_the_model_beat_those_that_do_not() {
+        let pool = Pool::new(vec![ready("w0", &["x"], &["x"]), ready("w1", &["m"], &[])]);
+        assert_eq!(ids(&pool, Some("m"), &[]), ["w1"]);
+    }
+
+    #[test]
+    fn every_ready_backend_when_none_lists_the_model_or_none_is_named() {
+        let pool = Pool::new(vec![ready("w0", &["x"], &["x"]), ready("w1", &["m"], &[])]);
+        assert_eq!(ids(&pool, Some("unknown"), &[]), ["w0", "w1"]);
+        assert_eq!(ids(&pool, None, &[]), ["w0", "w1"]);
+    }
+
+    #[test]
+    fn no_ready_backend_says_why() {
+        let pool = Pool::new(vec![ready("w0", &["m"], &["m"])]);
+        pool.get("w0").unwrap().status().state = State::Loading;
+        assert_eq!(
+            pool.candidates(Some("m"), &[]).err(),
+            Some(NoBackend::Loading)
+        );
+        pool.get("w0").unwrap().status().state = State::Failed;
+        assert_eq!(pool.candidates(Some("m"), &[]).err(), Some(NoBackend::Down));
     }
 }

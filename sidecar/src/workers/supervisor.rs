@@ -117,26 +117,7 @@ impl Supervisor {
             return Err(std::io::Error::other("not a local worker"));
         };
         let _ = std::fs::remove_file(socket);
-        let flags = &self.settings.flags;
-        let mut command = Command::new(&flags.python);
-        command
-            .args(["-m", "mlx_flash.worker", "--model", &flags.model])
-            .arg("--uds")
-            .arg(&**socket)
-            .args(["--parent-pid", &std::process::id().to_string()])
-            .args(["--log-level", &flags.log_level])
-            .args(["--max-body-bytes", &flags.max_body_bytes.to_string()])
-            // The worker is reachable only through its private socket: no key, host or port of ours.
-            .env_remove("MLX_FLASH_API_KEY")
-            .env_remove("MLX_FLASH_HOST")
-            .env_remove("MLX_FLASH_PORT")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Its own group: a terminal's Ctrl-C reaches only us, and we stop the group in order.
-            .process_group(0)
-            .kill_on_drop(true);
-        let mut child = command.spawn()?;
+        let mut child = worker_command(&self.settings, &self.backend.id, socket).spawn()?;
         let pid = child.id();
         tracing::info!(worker = %self.backend.id, pid = pid.unwrap_or(0), "worker started");
         {
@@ -235,6 +216,35 @@ impl Supervisor {
     }
 }
 
+/// The command line of local worker `id` on `socket`: our flags, then the user's `--` arguments
+/// last, so a repeated flag overrides ours (or, like `--model`, adds to it).
+fn worker_command(settings: &Settings, id: &str, socket: &Path) -> Command {
+    let flags = &settings.flags;
+    let mut command = Command::new(&flags.python);
+    command
+        .args(["-m", "mlx_flash.worker", "--model", &flags.model])
+        .arg("--uds")
+        .arg(socket)
+        .args(["--parent-pid", &std::process::id().to_string()])
+        .args(["--log-level", &flags.log_level])
+        .args(["--max-body-bytes", &flags.max_body_bytes.to_string()])
+        // Workers on one machine share its memory; each learns its name and how many share it.
+        .args(["--worker-id", id])
+        .args(["--local-workers", &settings.workers.to_string()])
+        .args(&flags.worker_args)
+        // The worker is reachable only through its private socket: no key, host or port of ours.
+        .env_remove("MLX_FLASH_API_KEY")
+        .env_remove("MLX_FLASH_HOST")
+        .env_remove("MLX_FLASH_PORT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own group: a terminal's Ctrl-C reaches only us, and we stop the group in order.
+        .process_group(0)
+        .kill_on_drop(true);
+    command
+}
+
 /// SIGTERM the worker's group, wait up to [`TERM_TIMEOUT`], then SIGKILL it.
 async fn terminate(child: &mut Child) {
     if let Some(pid) = child.id() {
@@ -285,4 +295,42 @@ async fn forward_output(worker: Arc<str>, stream: impl AsyncRead + Unpin) {
 /// Remove a stale socket file (a previous run's) so the worker can bind.
 pub fn socket_path(dir: &Path, index: usize) -> Arc<Path> {
     dir.join(format!("worker-{index}.sock")).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::config::Config;
+
+    fn args_of(command: &Command) -> Vec<String> {
+        let args = command.as_std().get_args();
+        args.map(|a| a.to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn worker_command_carries_id_count_and_pass_through_args() {
+        let flags = [
+            "mlx-flash",
+            "--workers",
+            "2",
+            "--model",
+            "m",
+            "--",
+            "--pin",
+            "demo",
+        ];
+        let settings = Config::try_parse_from(flags).unwrap().validate().unwrap();
+        let socket = Path::new("/tmp/worker-1.sock");
+        let args = args_of(&worker_command(&settings, "worker-1", socket));
+        let pair = |flag: &str, value: &str| args.windows(2).any(|w| w == [flag, value]);
+        assert!(pair("--worker-id", "worker-1"), "{args:?}");
+        assert!(pair("--local-workers", "2"), "{args:?}");
+        assert!(pair("--uds", "/tmp/worker-1.sock"), "{args:?}");
+        assert!(
+            args.ends_with(&["--pin".to_owned(), "demo".to_owned()]),
+            "{args:?}"
+        );
+    }
 }

@@ -4,12 +4,12 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -47,6 +47,8 @@ pub struct Seen {
     pub requests: AtomicUsize,
     /// A `/slow` stream was dropped before it finished (the client went away).
     pub slow_cancelled: AtomicBool,
+    /// Model actions posted: the raw path (still percent-encoded) and the body.
+    pub model_actions: Mutex<Vec<(String, String)>>,
 }
 
 /// A mock worker on 127.0.0.1:0 serving model `model`.
@@ -55,10 +57,84 @@ pub struct Mock {
     pub seen: Arc<Seen>,
 }
 
+/// Listed models and their status (`None`: listed without one, as older workers do).
+type Listing = Vec<(String, Option<String>)>;
+
 #[derive(Clone)]
 struct MockState {
     model: String,
     seen: Arc<Seen>,
+    models: Arc<Mutex<Listing>>,
+}
+
+impl MockState {
+    fn model_list(&self) -> Value {
+        let models = self.models.lock().unwrap();
+        let data: Vec<Value> = models
+            .iter()
+            .map(|(id, status)| {
+                let mut entry =
+                    json!({"id": id, "object": "model", "created": 1, "owned_by": "mock"});
+                if let Some(status) = status {
+                    entry["status"] = json!(status);
+                }
+                entry
+            })
+            .collect();
+        json!({"object": "list", "data": data})
+    }
+
+    fn model_table(&self) -> Value {
+        let models = self.models.lock().unwrap();
+        let rows: Vec<Value> = models
+            .iter()
+            .map(|(id, status)| {
+                json!({"id": id, "status": status.as_deref().unwrap_or("loaded"), "pinned": false,
+                       "weight_bytes": 1000, "active_requests": 0})
+            })
+            .collect();
+        json!({"memory_limit": 8000, "memory_used": 1000, "queue_depth": 0, "models": rows})
+    }
+}
+
+fn openai_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": code}});
+    (status, Json(body)).into_response()
+}
+
+/// `POST /admin/api/models/{name}/load|unload`: `busy` is always 503 with Retry-After; unlisted
+/// names are 404; others change status.
+async fn model_action(
+    State(s): State<MockState>,
+    uri: Uri,
+    Path(rest): Path<String>,
+    body: String,
+) -> Response {
+    s.seen
+        .model_actions
+        .lock()
+        .unwrap()
+        .push((uri.path().to_owned(), body));
+    let Some((name, action)) = rest.rsplit_once('/') else {
+        return openai_error(StatusCode::NOT_FOUND, "not_found", "no action");
+    };
+    if name == "busy" {
+        let mut r = openai_error(StatusCode::SERVICE_UNAVAILABLE, "busy", "memory is busy");
+        r.headers_mut().insert("retry-after", "7".parse().unwrap());
+        return r;
+    }
+    let mut models = s.models.lock().unwrap();
+    let Some(entry) = models.iter_mut().find(|(id, _)| id == name) else {
+        let message = format!("The model '{name}' does not exist");
+        return openai_error(StatusCode::NOT_FOUND, "model_not_found", &message);
+    };
+    let status = if action == "load" {
+        "loaded"
+    } else {
+        "available"
+    };
+    entry.1 = Some(status.to_owned());
+    Json(json!({"id": name, "status": status})).into_response()
 }
 
 fn chunked(chunks: &'static [&'static [u8]], content_type: &str) -> Response {
@@ -122,18 +198,34 @@ async fn slow(State(s): State<MockState>) -> Response {
         .into_response()
 }
 
-/// Start a mock worker serving `model`.
+/// Start a mock worker serving `model`, listed without a status (as older workers do).
 pub async fn mock(model: &str) -> Mock {
+    start_mock(model, vec![(model.to_owned(), None)]).await
+}
+
+/// Start a mock worker listing `models` with their statuses (`loaded`, `loading`, `available`).
+/// It names the first in its answers.
+pub async fn mock_with(models: &[(&str, &str)]) -> Mock {
+    let listed = models
+        .iter()
+        .map(|(id, status)| (id.to_string(), Some(status.to_string())))
+        .collect();
+    start_mock(models[0].0, listed).await
+}
+
+async fn start_mock(model: &str, models: Listing) -> Mock {
     let seen = Arc::new(Seen::default());
     let state = MockState {
         model: model.to_owned(),
         seen: seen.clone(),
+        models: Arc::new(Mutex::new(models)),
     };
-    let models = json!({"object": "list", "data": [{"id": model, "object": "model", "created": 1, "owned_by": "mock"}]});
     let router = Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok", "memory": {"pressure": "normal"}})) }))
         .route("/ready", get(|| async { Json(json!({"status": "ready"})) }))
-        .route("/v1/models", get(move || async move { Json(models) }))
+        .route("/v1/models", get(|State(s): State<MockState>| async move { Json(s.model_list()) }))
+        .route("/admin/api/models", get(|State(s): State<MockState>| async move { Json(s.model_table()) }))
+        .route("/admin/api/models/{*rest}", post(model_action))
         .route("/metrics", get(|| async {
             "# HELP mlx_flash_requests_total Requests.\n# TYPE mlx_flash_requests_total counter\nmlx_flash_requests_total{route=\"/chat/completions\",status=\"200\"} 3.0\n"
         }))
@@ -183,6 +275,7 @@ pub async fn sidecar_with_keys(urls: &[(&str, &str, Option<&str>)], flags: &[&st
                 let mut status = b.status();
                 status.state = WorkerState::Ready;
                 status.models = vec![model.to_string()];
+                status.loaded = vec![model.to_string()];
             }
             b
         })
@@ -193,6 +286,13 @@ pub async fn sidecar_with_keys(urls: &[(&str, &str, Option<&str>)], flags: &[&st
     let router = app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
     tokio::spawn(async move { axum::serve(listener, router).await });
     Sidecar { url, state }
+}
+
+/// Probe every backend once, so the sidecar knows what each lists and has loaded.
+pub async fn probe_all(s: &Sidecar) {
+    for b in s.state.pool.backends() {
+        b.probe(true).await;
+    }
 }
 
 /// A response read whole.
