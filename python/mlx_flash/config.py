@@ -85,9 +85,17 @@ def parse_size(text: str, total: int) -> int:
         if not 0 < share <= 100:
             raise ValueError(f"bad size {text!r}: a share must be between 0% and 100%")
         return int(total * share / 100)
-    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?", t)
-    if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"bad size {text!r}: use bytes, or a number with K, M, G or T, or a share like 60%")
+    size = parse_bytes(text)
+    if size <= 0:
+        raise ValueError(f"bad size {text!r}: it must be more than 0")
+    return size
+
+
+def parse_bytes(text: str) -> int:
+    """Bytes from "8000000000", "512M", "12G", "1.5GiB" (binary units)."""
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?", text.strip().lower())
+    if not m:
+        raise ValueError(f"bad size {text!r}: use bytes, or a number with K, M, G or T")
     return int(float(m.group(1)) * UNITS[m.group(2)])
 
 

@@ -48,6 +48,7 @@ from mlx_flash.config import (
     WorkerConfig,
     env_default,
     env_int,
+    parse_bytes,
 )
 from mlx_flash.worker_state import WorkerState
 
@@ -263,6 +264,13 @@ def run(config: WorkerConfig) -> int:
     return 1 if state.load_error else 0
 
 
+def _bytes(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     """Flags about models, memory and caches; `mlx-flash serve` hands them to its workers."""
     p.add_argument("--pin", action="append", default=[], help="load at start and never evict; repeatable")
@@ -308,9 +316,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--prefix-cache-bytes",
-        type=int,
-        default=env_int("PREFIX_CACHE_BYTES", DEFAULT_PREFIX_CACHE_BYTES),
-        help="RAM budget of the prefix cache (KV reused across requests); 0 turns it off",
+        type=_bytes,
+        default=_bytes(env_default("PREFIX_CACHE_BYTES", str(DEFAULT_PREFIX_CACHE_BYTES)) or "0"),
+        help="RAM budget of the prefix cache (KV reused across requests): bytes, 512M, 2G; 0 turns it off",
     )
     p.add_argument(
         "--prefix-cache-dir",
@@ -319,8 +327,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--prefix-cache-disk-bytes",
-        type=int,
-        default=env_int("PREFIX_CACHE_DISK_BYTES", DEFAULT_PREFIX_CACHE_DISK_BYTES),
+        type=_bytes,
+        default=_bytes(env_default("PREFIX_CACHE_DISK_BYTES", str(DEFAULT_PREFIX_CACHE_DISK_BYTES)) or "0"),
         help="disk budget of the prefix cache",
     )
 

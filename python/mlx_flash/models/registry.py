@@ -51,21 +51,19 @@ class Registry:
 
     def find(self, name: str) -> Known:
         """The model a request naming `name` is for; ModelNotFound if none."""
-        if name in self.models:
-            return Known(name, name, True)
+        if name in self.models or name in self.aliases:
+            return Known(name, self._target(name), True)
         for model in self.models:  # a local directory is also known by its name
             if not is_hub_id(model) and Path(model).name == name:
-                return Known(model, model, True)
-        if name in self.aliases:
-            return Known(name, self.aliases[name], True)
+                return Known(model, self._target(model), True)
         if name in self.builtin or is_hub_id(name):
-            target = self.builtin.get(name, name)
+            target = self._target(name)
             return Known(self._display_id(target, name), target, False)
         raise ModelNotFound(name)
 
     def available(self) -> list[Known]:
         """Everything a request may name without a download, one entry per target."""
-        known = [Known(m, m, True) for m in self.models]
+        known = [Known(m, self._target(m), True) for m in self.models]
         known += [Known(alias, target, True) for alias, target in self.aliases.items()]
         cached = set(self._cached_repos())
         known += [Known(a, t, False) for a, t in self.builtin.items() if t in cached]
@@ -75,13 +73,15 @@ class Registry:
             unique.setdefault(k.target, k)
         return list(unique.values())
 
+    def _target(self, name: str) -> str:
+        """What a name loads: an alias's target (the operator's file first), else the name itself."""
+        return self.aliases.get(name) or self.builtin.get(name) or name
+
     def _display_id(self, target: str, name: str) -> str:
         """The name clients see for a target: the operator's name for it, else what was asked."""
-        if target in self.models:
-            return target
-        for alias, t in self.aliases.items():
-            if t == target:
-                return alias
+        for given in (*self.models, *self.aliases):
+            if self._target(given) == target:
+                return given
         return name
 
     def _cached_repos(self) -> list[str]:
