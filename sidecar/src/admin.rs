@@ -42,13 +42,7 @@ pub async fn ready(State(state): State<AppState>) -> Response {
 /// listed by several shows its most ready status.
 pub async fn models(State(state): State<AppState>, request: axum::extract::Request) -> Response {
     let path = request.uri().path().to_owned();
-    let ready: Vec<_> = state
-        .pool
-        .backends()
-        .iter()
-        .filter(|b| b.status().state == WorkerState::Ready)
-        .cloned()
-        .collect();
+    let ready = state.pool.ready();
     if ready.is_empty() {
         let kind = ErrorKind::Unavailable("No worker is ready yet; retry shortly.".into());
         return ApiError::new(&path, kind).into_response();

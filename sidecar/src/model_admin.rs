@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{ApiError, ErrorKind};
-use crate::workers::backend::{Answer, Backend, State as WorkerState};
+use crate::workers::backend::{Answer, Backend};
 use crate::AppState;
 
 /// A worker's model table is in memory; it answers at once or not at all.
@@ -185,13 +185,7 @@ impl Outcome {
 /// The action on every ready backend at once: 200 when all succeed, else the first failure's
 /// status (and Retry-After); the body lists every backend's answer.
 async fn forward_all(state: &AppState, path: &str, body: Bytes) -> Response {
-    let ready: Vec<Arc<Backend>> = state
-        .pool
-        .backends()
-        .iter()
-        .filter(|b| b.status().state == WorkerState::Ready)
-        .cloned()
-        .collect();
+    let ready = state.pool.ready();
     if ready.is_empty() {
         let kind = ErrorKind::Unavailable("No worker is ready yet; retry shortly.".into());
         return ApiError::new(path, kind).into_response();

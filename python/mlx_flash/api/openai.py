@@ -297,19 +297,26 @@ def stream_error() -> bytes:
 # ---------------------------------------------------------------- endpoints
 
 
-async def _begin(request: Request) -> tuple[dict[str, Any], Fields, Lease]:
-    """The body, its fields, and a hold on the model it names (loaded now if need be)."""
+Handler = Callable[[Request, dict[str, Any], Fields, Lease], Awaitable[Response]]
+
+
+async def _with_model(request: Request, handler: Handler) -> Response:
+    """Read the body, hold the model it names (loaded now if need be), and run `handler`; the hold
+    passes to the engine once the request starts, and is released here if it fails before."""
     state: WorkerState = request.app.state.worker
     body = await read_json_object(request, state.config.max_body_bytes)
     f = Fields(body)
     lease = await state.scheduler.lease(f.string("model", required=True) or "")
-    return body, f, lease
+    with lease.held():
+        return await handler(request, body, f, lease)
 
 
 async def chat_completions(request: Request) -> Response:
-    body, f, lease = await _begin(request)
-    with lease.held():
-        return await _chat(request, body, f, lease)
+    return await _with_model(request, _chat)
+
+
+async def completions(request: Request) -> Response:
+    return await _with_model(request, _completion)
 
 
 async def _chat(request: Request, body: dict[str, Any], f: Fields, lease: Lease) -> Response:
@@ -349,12 +356,6 @@ async def _chat(request: Request, body: dict[str, Any], f: Fields, lease: Lease)
         on_delta=lambda ev: choice({"content": ev.text}, lp_obj(ev.logprobs)),
         on_finish=lambda fin: choice({}, None, fin.reason),
     )
-
-
-async def completions(request: Request) -> Response:
-    body, f, lease = await _begin(request)
-    with lease.held():
-        return await _completion(request, body, f, lease)
 
 
 async def _completion(request: Request, body: dict[str, Any], f: Fields, lease: Lease) -> Response:

@@ -88,6 +88,15 @@ impl Pool {
             .iter()
             .any(|b| b.status().state == State::Ready)
     }
+
+    /// The backends that are ready now.
+    pub fn ready(&self) -> Vec<Arc<Backend>> {
+        self.backends
+            .iter()
+            .filter(|b| b.status().state == State::Ready)
+            .cloned()
+            .collect()
+    }
 }
 
 /// How well a ready backend fits a request; candidates come from the best fit present.
