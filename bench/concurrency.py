@@ -41,10 +41,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from mlx_lm.utils import load, load_tokenizer
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import make_logits_processors
+from mlx_lm.utils import load
 
 from processes import free_port, start, stop, wait_ready
-from single_stream import add_dense_flags, bootstrap_ci, build_dense, git_state, machine, model_summary
+from single_stream import (
+    add_dense_flags,
+    bootstrap_ci,
+    build_dense,
+    encode,
+    git_state,
+    machine,
+    model_summary,
+    run_in_process,
+)
 from streams import Timed, percentiles_ms, stream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,8 +168,49 @@ async def level_run(
     }
 
 
+@dataclass
+class Reference:
+    """The in-process engine: greedy parity's arbiter (solo `mlx_lm.stream_generate`) and the batching
+    ceiling (mlx-lm's `BatchGenerator` with no server around it)."""
+
+    model: Any
+    tokenizer: Any
+    eos_ids: list[int]
+
+    def solo(self, prompt: str, max_tokens: int) -> str:
+        ids = encode(self.tokenizer, prompt)
+        return run_in_process(self.model, self.tokenizer, ids, max_tokens, self.eos_ids).text
+
+    def batched_tok_s(self, prompts: list[str], max_tokens: int, prefill_step: int) -> float:
+        """Aggregate decode tok/s of `prompts` in one BatchGenerator, timed as the servers are."""
+        gen = BatchGenerator(self.model, prefill_step_size=prefill_step)
+        bias = {e: EOS_BIAS for e in self.eos_ids}
+        gen.insert(
+            [encode(self.tokenizer, p) for p in prompts],
+            max_tokens=[max_tokens] * len(prompts),
+            logits_processors=[make_logits_processors(logit_bias=bias) for _ in prompts],
+        )
+        first, last, tokens, done = 0.0, 0.0, 0, 0
+        try:
+            while done < len(prompts):
+                _, responses = gen.next()  # type: ignore[no-untyped-call]
+                if responses:
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    tokens += len(responses)
+                    done += sum(r.finish_reason is not None for r in responses)
+        finally:
+            gen.close()  # type: ignore[no-untyped-call]
+        return (tokens - len(prompts)) / (last - first)
+
+
 async def throughput(
-    client: httpx.AsyncClient, eps: dict[str, Endpoint], args: argparse.Namespace, eos_ids: list[int]
+    client: httpx.AsyncClient,
+    eps: dict[str, Endpoint],
+    args: argparse.Namespace,
+    eos_ids: list[int],
+    ref: Reference,
 ) -> list[dict[str, Any]]:
     out = []
     for level in args.level_list:
@@ -168,12 +220,23 @@ async def throughput(
             order = ["ours", "mlx_lm"] if r % 2 == 0 else ["mlx_lm", "ours"]
             got = {k: await level_run(client, eps[k], prompts, args.max_tokens, eos_ids) for k in order}
             problems = parity(got["ours"], got["mlx_lm"], args.max_tokens)
+            checked = arbitrate(ref, prompts, got, args)
             ratio = got["ours"]["decode_tok_s"] / got["mlx_lm"]["decode_tok_s"]
-            pairs.append({"order": order, **got, "ratio": round(ratio, 4), "parity_problems": problems})
+            pairs.append(
+                {
+                    "order": order,
+                    **got,
+                    "ratio": round(ratio, 4),
+                    "parity_problems": problems,
+                    "against_solo": checked,
+                }
+            )
+            off = [f"{c['server']} stream {c['stream']} != solo" for c in checked if not c["matches_solo"]]
             print(
                 f"   {level} streams, round {r + 1}/{args.rounds}: ours {got['ours']['decode_tok_s']:7.1f}"
                 f" tok/s | mlx_lm.server {got['mlx_lm']['decode_tok_s']:7.1f} tok/s | ratio {ratio:.3f}"
-                f"{'' if not problems else ' | PARITY: ' + '; '.join(problems)}",
+                f"{'' if not problems else ' | differ: ' + '; '.join(problems)}"
+                f"{'' if not off else ' | ' + '; '.join(off)}",
                 flush=True,
             )
         ratios = [p["ratio"] for p in pairs]
@@ -188,8 +251,30 @@ async def throughput(
                 "median_ratio": round(statistics.median(ratios), 4),
                 "ratio_ci95": bootstrap_ci(ratios) if len(ratios) > 1 else None,
                 "parity": not any(p["parity_problems"] for p in pairs),
+                "ours_matches_solo": all(
+                    c["matches_solo"] for p in pairs for c in p["against_solo"] if c["server"] == "ours"
+                )
+                and not any("ours:" in x for p in pairs for x in p["parity_problems"]),
+                "mlx_lm_streams_off_solo": sum(
+                    not c["matches_solo"] for p in pairs for c in p["against_solo"] if c["server"] == "mlx_lm"
+                ),
             }
         )
+    return out
+
+
+def arbitrate(
+    ref: Reference, prompts: list[str], got: dict[str, dict[str, Any]], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Each server's text against solo in-process generation: for every stream with --reference all,
+    else only where the two servers disagree (agreeing independent implementations are taken as right)."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        texts = {k: got[k]["texts"][i] for k in ("ours", "mlx_lm")}
+        if args.reference != "all" and texts["ours"] == texts["mlx_lm"]:
+            continue
+        solo = ref.solo(prompt, args.max_tokens)
+        out += [{"stream": i, "server": k, "matches_solo": t == solo} for k, t in texts.items()]
     return out
 
 
@@ -335,8 +420,26 @@ async def head_of_line(
 # ---------------------------------------------------------------- main
 
 
-async def measure(eps: dict[str, Endpoint], args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
-    eos = sorted(int(e) for e in tokenizer.eos_token_ids)
+def ceiling(ref: Reference, args: argparse.Namespace) -> dict[str, Any]:
+    """In-process BatchGenerator at the lowest and highest level: what batching gives on this machine."""
+    out: dict[str, Any] = {}
+    for level in sorted({min(args.level_list), max(args.level_list)}):
+        runs = [
+            ref.batched_tok_s(stream_prompts(f"CEIL{level}R{r}", level, args.seed), args.max_tokens, 512)
+            for r in range(args.rounds)
+        ]
+        out[str(level)] = {
+            "decode_tok_s": [round(x, 3) for x in runs],
+            "median": round(statistics.median(runs), 3),
+        }
+        print(
+            f"   in-process BatchGenerator, {level} streams: {statistics.median(runs):.1f} tok/s", flush=True
+        )
+    return out
+
+
+async def measure(eps: dict[str, Endpoint], args: argparse.Namespace, ref: Reference) -> dict[str, Any]:
+    tokenizer, eos = ref.tokenizer, ref.eos_ids
     async with httpx.AsyncClient(
         timeout=httpx.Timeout(args.hol_timeout * 2), limits=httpx.Limits()
     ) as client:
@@ -344,12 +447,14 @@ async def measure(eps: dict[str, Endpoint], args: argparse.Namespace, tokenizer:
         for key in ("ours", "mlx_lm"):
             await level_run(client, eps[key], stream_prompts(f"warm-{key}", 2, args.seed), 8, eos)
         print("== (a) aggregate decode tok/s", flush=True)
-        levels = await throughput(client, eps, args, eos)
+        levels = await throughput(client, eps, args, eos, ref)
+        print("== the engine alone (no server): batching ceiling", flush=True)
+        engine = ceiling(ref, args)
         print(
             f"== (b) head-of-line: {HOL_STREAMS} streams, a {args.hol_prompt_tokens}-token prompt", flush=True
         )
         hol = await head_of_line(client, eps, args, tokenizer, eos)
-    return {"levels": levels, "head_of_line": hol}
+    return {"levels": levels, "engine_ceiling": engine, "head_of_line": hol}
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
@@ -359,12 +464,26 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     scaling = levels[high]["median_ours_tok_s"] / levels[low]["median_ours_tok_s"]
     peer_scaling = levels[high]["median_mlx_lm_tok_s"] / levels[low]["median_mlx_lm_tok_s"]
     worst = min(lv["median_ratio"] for lv in levels.values())
+    engine = result["engine_ceiling"]
+    engine_scaling = engine[str(high)]["median"] / engine[str(low)]["median"]
+    parity = all(lv["ours_matches_solo"] for lv in levels.values())
     return {
         "ratio_by_streams": {str(n): lv["median_ratio"] for n, lv in levels.items()},
         "ours_tok_s_by_streams": {str(n): lv["median_ours_tok_s"] for n, lv in levels.items()},
         "mlx_lm_tok_s_by_streams": {str(n): lv["median_mlx_lm_tok_s"] for n, lv in levels.items()},
-        "scaling": {"from": low, "to": high, "ours": round(scaling, 3), "mlx_lm": round(peer_scaling, 3)},
-        "parity": all(lv["parity"] for lv in levels.values()),
+        "scaling": {
+            "from": low,
+            "to": high,
+            "ours": round(scaling, 3),
+            "mlx_lm": round(peer_scaling, 3),
+            "engine_in_process": round(engine_scaling, 3),
+        },
+        # Ours against solo generation (see arbitrate); the peer's departures are counted, not failed.
+        "parity": parity,
+        "pairs_where_servers_differ": sum(
+            bool(p["parity_problems"]) for lv in levels.values() for p in lv["pairs"]
+        ),
+        "mlx_lm_streams_off_solo": sum(lv["mlx_lm_streams_off_solo"] for lv in levels.values()),
         "hol_p99_ratio": {
             "ours": hol["ours"]["median_p99_ratio"],
             "mlx_lm": hol["mlx_lm"]["median_p99_ratio"],
@@ -379,6 +498,11 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
                 "target": f"ours@{high} / ours@{low} >= {TARGETS['scaling_8_over_1']}",
                 "value": round(scaling, 3),
                 "pass": scaling >= TARGETS["scaling_8_over_1"] and (low, high) == (1, 8),
+            },
+            "parity": {
+                "target": "ours: greedy output identical to solo mlx_lm.stream_generate",
+                "value": parity,
+                "pass": parity,
             },
             "head_of_line": {
                 "target": f"ours p99 during prefill <= {TARGETS['hol_p99_over_idle']}x idle p99",
@@ -403,6 +527,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hol-idle-gaps", type=int, default=24, help="idle inter-token gaps per stream")
     p.add_argument("--hol-stream-tokens", type=int, default=2000, help="max_tokens of the 4 streams")
     p.add_argument("--hol-timeout", type=float, default=600.0)
+    p.add_argument(
+        "--reference",
+        choices=["disagreements", "all"],
+        default="disagreements",
+        help="which streams to check against solo in-process generation (all: slower)",
+    )
     p.add_argument("--startup-timeout", type=float, default=180.0)
     p.add_argument("--out", type=Path)
     add_dense_flags(p)
@@ -452,14 +582,14 @@ def main(argv: list[str] | None = None) -> int:
         print("== building the model", flush=True)
         spec = build_dense(args.dense_dir or work / "dense", args)
         loaded: Any = load(str(spec.path), return_config=True)
-        result["model"] = {"name": spec.name, **model_summary(loaded[0], loaded[2]), **spec.notes}
-        del loaded
-        tokenizer: Any = load_tokenizer(spec.path)  # type: ignore[no-untyped-call]
+        model, tokenizer, config = loaded
+        result["model"] = {"name": spec.name, **model_summary(model, config), **spec.notes}
+        ref = Reference(model, tokenizer, sorted(int(e) for e in tokenizer.eos_token_ids))
         with (
             mlx_lm_server(spec.path, args.startup_timeout) as peer,
             ours(args.ours, spec.path, work, args.startup_timeout) as mine,
         ):
-            result.update(asyncio.run(measure({"ours": mine, "mlx_lm": peer}, args, tokenizer)))
+            result.update(asyncio.run(measure({"ours": mine, "mlx_lm": peer}, args, ref)))
     result["summary"] = summarize(result)
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["wall_s"] = round(time.time() - started, 1)
@@ -467,7 +597,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     s = result["summary"]
     print(f"\nwrote {args.out} in {result['wall_s']} s")
-    print(f"  ratio ours / mlx_lm.server by streams: {s['ratio_by_streams']}; parity {s['parity']}")
+    print(
+        f"  ratio ours / mlx_lm.server by streams: {s['ratio_by_streams']}; ours = solo: {s['parity']};"
+        f" mlx_lm.server streams off solo: {s['mlx_lm_streams_off_solo']}"
+    )
     print(f"  scaling {s['scaling']}; head-of-line p99 during / idle: {s['hol_p99_ratio']}")
     for name, t in s["targets"].items():
         print(f"  target {name}: {t['target']}: {t['value']} -> {'met' if t['pass'] else 'MISSED'}")
