@@ -1,7 +1,7 @@
 """Concurrent streams against `mlx_lm.server`: aggregate decode speed at 1-8 streams, and head-of-line
 blocking of running streams by a long prompt.
 
-    python bench/concurrency.py            # levels 1,2,4,8 x 3 rounds, 2 head-of-line trials (~13 min)
+    python bench/concurrency.py            # levels 1,2,4,8 x 3 rounds, 2 head-of-line trials (~14 min)
     python bench/concurrency.py --quick    # a smoke run on a tiny model (~1 min), written to results/quick/
 
 Both servers run at once on the same random-weight model, built here (`--dense-*` flags, as
@@ -521,7 +521,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--levels", default="1,2,4,8", help="concurrent streams per level")
     p.add_argument("--rounds", type=int, default=3, help="A B pairs per level")
-    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--hol-prompt-tokens", type=int, default=4000)
     p.add_argument("--hol-trials", type=int, default=2, help="head-of-line trials per server")
     p.add_argument("--hol-idle-gaps", type=int, default=24, help="idle inter-token gaps per stream")
