@@ -178,6 +178,16 @@ def _about(m: dict[str, Any]) -> str:
     )
 
 
+def _matmul(result: dict[str, Any]) -> str:
+    g = result.get("matmul_gflops")
+    if not g:
+        return ""
+    return (
+        f" (MLX matmul here: {g['rows_1']:g} GFLOPS for one token, {g['rows_8']:g} for 8, "
+        f"{g['rows_512']:g} for 512, which is why the model is this small)"
+    )
+
+
 def concurrency(result: dict[str, Any], source: str) -> str:
     s, t = result["summary"], result["summary"]["targets"]
     engine = result["engine_ceiling"]
@@ -222,7 +232,8 @@ def concurrency(result: dict[str, Any], source: str) -> str:
         f"{_met(t['head_of_line'])}; greedy output identical to solo `mlx_lm.stream_generate`: "
         f"{_met(t['parity'])} (mlx_lm.server streams that departed from it: {s['mlx_lm_streams_off_solo']}).",
         "",
-        f"Model: random-weight {_about(result['model'])}. Aggregate decode tok/s = Σ(tokens − 1) / "
+        f"Model: random-weight {_about(result['model'])}{_matmul(result)}. "
+        "Aggregate decode tok/s = Σ(tokens − 1) / "
         f"(last token − first token, over all streams), {result['settings']['max_tokens']} greedy tokens "
         f"per stream (EOS suppressed), new prompts each round; medians of {rounds} pairs per level, the "
         "servers alternating which goes first; the ratio is the median of per-pair ratios (bootstrap 95% "
