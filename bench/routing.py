@@ -1,17 +1,17 @@
 """Routing policies and the prefix cache: prompt tokens reused over a multi-session, multi-turn trace
 sent through the sidecar, for cache_aware and round_robin over 2 workers, and for a single worker.
 
-    python bench/routing.py            # 12 sessions x 6 turns, 2 rounds of the 3 set-ups (~6 min)
+    python bench/routing.py            # 16 sessions x 8 turns, 3 rounds of the 3 set-ups (~3 min)
     python bench/routing.py --quick    # 4 sessions x 3 turns, 1 round, written to results/quick/
 
 Each set-up is a fresh `mlx-flash serve` (`--workers 2 --policy cache_aware`, `--workers 2 --policy
-round_robin`, `--workers 1`) on the embedded demo model (default; this measures hit rates, not speed),
-every worker with a --prefix-cache-bytes RAM budget (MLX_FLASH_PREFIX_CACHE_BYTES) that the trace never
-fills. The trace: --sessions chat sessions of --turns turns; each turn resends the session's whole
-history plus a new user message (echo and arithmetic requests in the demo model's repertoire, a system
-prompt in some sessions), as chat clients do. Sessions run at once, each waiting a seeded random think
-time before a turn, at most --concurrency requests in flight; no session id is sent, so only the policy
-decides where a turn goes. Rounds use new traces (seed + round) and alternate the set-ups' order.
+round_robin`, `--workers 1`; --workers changes the 2) on the embedded demo model (default; this measures hit
+rates, not speed), every worker with a --prefix-cache-bytes RAM budget (MLX_FLASH_PREFIX_CACHE_BYTES) that
+the trace never fills. The trace: --sessions chat sessions of --turns turns; each turn resends the session's
+whole history plus a new user message (echo and arithmetic requests in the demo model's repertoire, a system
+prompt in some sessions), as chat clients do. Sessions run at once, each waiting a seeded random think time
+before a turn, at most --concurrency requests in flight; no session id is sent, so only the policy decides
+where a turn goes. Rounds use new traces (seed + round) and alternate the set-ups' order.
 
 Reuse = sum of usage.prompt_tokens_details.cached_tokens over the trace's responses, cross-checked with
 the sum of mlx_flash_prefix_cache_tokens_reused_total over the workers in the sidecar's merged /metrics
@@ -48,8 +48,8 @@ from helpers import run_sidecar  # noqa: E402
 DEFAULT_OUT = ROOT / "bench" / "results" / "routing.json"
 QUICK_OUT = ROOT / "bench" / "results" / "quick" / "routing.json"
 TARGETS = {"over_round_robin": 3.0, "over_single": 0.9}
-# name -> (workers, policy); a single worker has nothing to choose, so its policy does not matter.
-SETUPS = {"cache_aware": (2, "cache_aware"), "round_robin": (2, "round_robin"), "single": (1, "cache_aware")}
+# name -> policy; "single" is one worker, which has nothing to choose, so its policy does not matter.
+SETUPS = {"cache_aware": "cache_aware", "round_robin": "round_robin", "single": "cache_aware"}
 REUSED = "mlx_flash_prefix_cache_tokens_reused_total"
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)")
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -172,7 +172,8 @@ async def run_trace(url: str, trace: list[Session], args: argparse.Namespace) ->
 
 
 def run_setup(name: str, trace: list[Session], args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    workers, policy = SETUPS[name]
+    policy = SETUPS[name]
+    workers = 1 if name == "single" else args.workers
     log = work / f"sidecar-{name}.log"
     flags = ["--model", args.model, "--policy", policy]
     with run_sidecar(log, *flags, workers=workers, timeout=args.startup_timeout) as sidecar:
@@ -252,11 +253,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: 4 sessions x 3 turns, results/quick/")
     p.add_argument("--model", default="demo", help="what the workers serve (--model of mlx-flash serve)")
-    p.add_argument("--sessions", type=int, default=12)
-    p.add_argument("--turns", type=int, default=6)
+    p.add_argument(
+        "--workers", type=int, default=2, help="workers of the cache_aware and round_robin set-ups"
+    )
+    p.add_argument("--sessions", type=int, default=16)
+    p.add_argument("--turns", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight at most")
     p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--rounds", type=int, default=2, help="traces, each run on every set-up")
+    p.add_argument("--rounds", type=int, default=3, help="traces, each run on every set-up")
     p.add_argument("--prefix-cache-bytes", type=int, default=1 << 30, help="per worker (RAM tier)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--startup-timeout", type=float, default=180.0)
@@ -265,8 +269,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.sessions, args.turns, args.rounds = 4, 3, 1
     args.out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
-    if args.sessions < 1 or args.turns < 1 or args.rounds < 1 or args.concurrency < 1:
-        p.error("need --sessions, --turns, --rounds and --concurrency >= 1")
+    if min(args.sessions, args.turns, args.rounds, args.concurrency) < 1 or args.workers < 2:
+        p.error("need --sessions, --turns, --rounds and --concurrency >= 1, and --workers >= 2")
     return args
 
 
@@ -285,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         "git": git_state(),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "method": {
-            "setups": {k: f"mlx-flash serve --workers {w} --policy {p}" for k, (w, p) in SETUPS.items()},
+            "setups": {
+                k: f"mlx-flash serve --workers {1 if k == 'single' else args.workers} --policy {p}"
+                for k, p in SETUPS.items()
+            },
             "requests": "POST /v1/chat/completions (not streamed), temperature 0, no session id; each turn "
             "resends the session's history",
             "reuse": "sum of usage.prompt_tokens_details.cached_tokens; cross-check: the change in the sum "
