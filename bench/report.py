@@ -26,6 +26,11 @@ def _ms(seconds: float) -> str:
     return f"{ms:.0f} ms" if ms >= 100 else f"{ms:.1f} ms"
 
 
+def _time(seconds: float) -> str:
+    """Milliseconds under a second, seconds above (prefills on a CPU run for minutes)."""
+    return _ms(seconds) if seconds < 1 else f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.1f} s"
+
+
 def _command(result: dict[str, Any]) -> str:
     """The command as someone would type it in the repository (interpreter path dropped)."""
     argv = result.get("argv")
@@ -217,7 +222,7 @@ def concurrency(result: dict[str, Any], source: str) -> str:
         h = hol[key]
         stall = max(float(r["during_prefill_ms"]["max"]) for r in hol["trials"][key]) / 1e3
         rows.append(
-            f"| {name} | {_ms(h['median_idle_p99_ms'] / 1e3)} | {_ms(h['median_during_p99_ms'] / 1e3)} "
+            f"| {name} | {_time(h['median_idle_p99_ms'] / 1e3)} | {_time(h['median_during_p99_ms'] / 1e3)} "
             f"| {h['median_p99_ratio']:.1f}× | {stall:.1f} s | {h['median_long_ttft_s']:.1f} s |"
         )
     trials = len(hol["trials"]["ours"])
@@ -259,7 +264,7 @@ def multi_turn(result: dict[str, Any], source: str) -> str:
         same = "yes" if r["same_output"] else "**no**"
         return (
             f"| {what} | {r['prompt_tokens']:,} | {r['cached']['cached_tokens']:,} "
-            f"| {_ms(r['cached']['ttft_s'])} | {_ms(r['uncached']['ttft_s'])} | {r['ttft_ratio']:.3f} "
+            f"| {_time(r['cached']['ttft_s'])} | {_time(r['uncached']['ttft_s'])} | {r['ttft_ratio']:.3f} "
             f"| {same} |"
         )
 
@@ -294,12 +299,22 @@ def _span(values: list[float]) -> str:
     return f"{lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}–{hi:.2f}"
 
 
+def _decisions(rounds: list[dict[str, Any]]) -> str:
+    total: dict[str, float] = {}
+    for r in rounds:
+        for key, n in r["cache_aware"].get("routing_decisions", {}).items():
+            branch = key.split("/", 1)[-1]
+            total[branch] = total.get(branch, 0) + n
+    return ", ".join(f"{branch} {n:,.0f}" for branch, n in sorted(total.items(), key=lambda kv: -kv[1]))
+
+
 def routing(result: dict[str, Any], source: str) -> str:
     s, t = result["summary"], result["summary"]["targets"]
     rounds = result["rounds"]
     rows = [
-        "| set-up | requests | prompt tokens | reused tokens | reused (/metrics) | reuse | vs cache_aware |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| set-up | requests | prompt tokens | reused tokens | reused (/metrics) | reuse | prefilled "
+        "(not reused) | cache_aware reuse / this |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, what in result["method"]["setups"].items():
         req = sum(r[key]["requests"] for r in rounds)
@@ -309,7 +324,7 @@ def routing(result: dict[str, Any], source: str) -> str:
         ca = sum(r["cache_aware"]["reused_tokens"] for r in rounds)
         rows.append(
             f"| {key} (`{what.removeprefix('mlx-flash ')}`) | {req:,} | {prompt:,} | {reused:,} "
-            f"| {metric:,.0f} | {reused / prompt:.1%} | {ca / max(reused, 1):.2f}× |"
+            f"| {metric:,.0f} | {reused / prompt:.1%} | {prompt - reused:,} | {ca / max(reused, 1):.2f}× |"
         )
     st = result["settings"]
     ceiling = [r["single"]["reused_tokens"] / max(r["round_robin"]["reused_tokens"], 1) for r in rounds]
@@ -318,7 +333,8 @@ def routing(result: dict[str, Any], source: str) -> str:
         f"Targets: cache_aware reuse ≥ 3× round_robin — {t['over_round_robin']['value']:.2f}× (median of "
         f"per-round ratios): {_met(t['over_round_robin'])}; ≥ 0.9× a single worker — "
         f"{t['over_single']['value']:.2f}×: {_met(t['over_single'])}. A single worker bounds what routing "
-        f"can reuse; on this trace it reuses {_span(ceiling)}× what round_robin does.",
+        f"can reuse; on this trace it reuses {_span(ceiling)}× what round_robin does. cache_aware's "
+        f"decisions: {_decisions(rounds)}.",
         "",
         f"Trace: {st['sessions']} chat sessions × {st['turns']} turns, {len(rounds)} rounds (a new trace "
         "each, set-ups in alternating order), sessions at once with seeded think times and at most "
