@@ -1,7 +1,8 @@
 """Child processes of a benchmark: start a server and learn its port, stop it, wait until it is ready;
 its memory and CPU time from /proc, sampled in the background or read before and after a run.
 
-Linux only (/proc), as the benchmarks that use it are run on Linux; used by bench/sidecar_overhead.py.
+Linux only (/proc), as the benchmarks that use it are run on Linux; used by bench/sidecar_overhead.py and
+bench/concurrency.py (mlx_lm.server).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import queue
 import resource
+import socket
 import subprocess
 import threading
 import time
@@ -56,8 +58,16 @@ def _first(found: queue.Queue[str], want: Callable[[str], int | None], timeout: 
     raise RuntimeError(f"{what}: nothing after {timeout} s")
 
 
+def free_port() -> int:
+    """A port nobody listens on now, for servers that cannot pick their own and report it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def start(name: str, argv: list[str], port_from: str) -> Server:
-    """Start `argv`; its port is the first stdout line ("stdout") or the sidecar's `listening` log line."""
+    """Start `argv`; its port is the first stdout line ("stdout"), the sidecar's `listening` log line
+    ("log"), or given ("port:N", for a server told its port in `argv`)."""
     process = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
     )
@@ -76,7 +86,9 @@ def start(name: str, argv: list[str], port_from: str) -> Server:
         return None
 
     try:
-        if port_from == "stdout":
+        if port_from.startswith("port:"):
+            server.port = int(port_from.removeprefix("port:"))
+        elif port_from == "stdout":
             server.port = _first(out_q, lambda line: int(line) if line.strip().isdigit() else None, 10, name)
         else:
             server.port = _first(err_q, listening, 10, name)
@@ -98,15 +110,15 @@ def stop(server: Server) -> None:
             p.wait(timeout=5)
 
 
-def wait_ready(url: str, timeout: float) -> None:
+def wait_ready(url: str, timeout: float, path: str = "/ready") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError, urllib.error.URLError):
-            with urllib.request.urlopen(f"{url}/ready", timeout=2) as r:
+            with urllib.request.urlopen(f"{url}{path}", timeout=2) as r:
                 if r.status == 200:
                     return
         time.sleep(0.05)
-    raise RuntimeError(f"{url}/ready did not answer 200 within {timeout} s")
+    raise RuntimeError(f"{url}{path} did not answer 200 within {timeout} s")
 
 
 # ---------------------------------------------------------------- memory

@@ -233,7 +233,7 @@ def build_dense(path: Path, args: argparse.Namespace) -> ModelSpec:
         "head_dim": args.dense_hidden // heads,
         "rms_norm_eps": 1e-6,
         "rope_theta": 1_000_000.0,
-        "max_position_embeddings": 4096,
+        "max_position_embeddings": args.dense_context,
         "tie_word_embeddings": True,
         "vocab_size": vocab,
         "eos_token_id": demo_config["eos_token_id"],
@@ -503,6 +503,20 @@ def git_state() -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
+def add_dense_flags(p: argparse.ArgumentParser) -> None:
+    """The --dense-* flags that `build_dense` reads (shared by the benchmarks that build this model)."""
+    p.add_argument("--dense-hidden", type=int, default=512)
+    p.add_argument("--dense-layers", type=int, default=8)
+    p.add_argument("--dense-intermediate", type=int, default=1536)
+    p.add_argument("--dense-heads", type=int, default=8)
+    p.add_argument("--dense-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dense-context", type=int, default=4096, help="max_position_embeddings")
+    p.add_argument(
+        "--dense-dir", type=Path, help="build the dense model here and keep it (default: a temp dir)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {MODELS}")
@@ -516,15 +530,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs per side, not reported")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--dense-hidden", type=int, default=512)
-    p.add_argument("--dense-layers", type=int, default=8)
-    p.add_argument("--dense-intermediate", type=int, default=1536)
-    p.add_argument("--dense-heads", type=int, default=8)
-    p.add_argument("--dense-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument(
-        "--dense-dir", type=Path, help="build the dense model here and keep it (default: a temp dir)"
-    )
-    p.add_argument("--seed", type=int, default=0)
+    add_dense_flags(p)
     p.add_argument("--startup-timeout", type=float, default=180.0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
