@@ -27,10 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import os
 import random
-import shlex
 import statistics
 import sys
 import tempfile
@@ -47,13 +44,12 @@ from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm.utils import load
 
 from processes import free_port, start, stop, wait_ready
+from results import header, write
 from single_stream import (
     add_dense_flags,
     bootstrap_ci,
     build_dense,
     encode,
-    git_state,
-    machine,
     model_summary,
     run_in_process,
 )
@@ -574,15 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
     result: dict[str, Any] = {
-        "benchmark": "concurrency",
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "argv": sys.argv,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "quick": args.quick,
-        "machine": machine(),
+        **header("concurrency", args, started, omit=("dense_dir", "level_list")),
         "matmul_gflops": matmul_gflops(args.dense_dtype),
-        "git": git_state(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "dense_dir", "level_list")},
         "method": {
             "ours": "mlx-flash serve --workers 1" if args.ours == "serve" else "python -m mlx_flash.worker",
             "peer": "python -m mlx_lm.server --model PATH --port N (defaults: prefill step 2048, decode "
@@ -611,19 +600,13 @@ def main(argv: list[str] | None = None) -> int:
         ):
             result.update(asyncio.run(measure({"ours": mine, "mlx_lm": peer}, args, ref)))
     result["summary"] = summarize(result)
-    result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    result["wall_s"] = round(time.time() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write(result, args.out, started)
     s = result["summary"]
-    print(f"\nwrote {args.out} in {result['wall_s']} s")
     print(
         f"  ratio ours / mlx_lm.server by streams: {s['ratio_by_streams']}; ours = solo: {s['parity']};"
         f" mlx_lm.server streams off solo: {s['mlx_lm_streams_off_solo']}"
     )
     print(f"  scaling {s['scaling']}; head-of-line p99 during / idle: {s['hol_p99_ratio']}")
-    for name, t in s["targets"].items():
-        print(f"  target {name}: {t['target']}: {t['value']} -> {'met' if t['pass'] else 'MISSED'}")
     return 0 if s["parity"] else 1
 
 

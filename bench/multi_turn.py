@@ -26,10 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import os
 import random
-import shlex
 import statistics
 import sys
 import tempfile
@@ -42,7 +39,8 @@ import httpx
 from mlx_lm.utils import load, load_tokenizer
 
 from concurrency import EOS_BIAS, WORDS, prose
-from single_stream import add_dense_flags, build_dense, git_state, machine, model_summary
+from results import header, write
+from single_stream import add_dense_flags, build_dense, model_summary
 from streams import Timed, stream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -255,14 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
     result: dict[str, Any] = {
-        "benchmark": "multi_turn",
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "argv": sys.argv,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "quick": args.quick,
-        "machine": machine(),
-        "git": git_state(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "dense_dir")},
+        **header("multi_turn", args, started, omit=("dense_dir",)),
         "method": {
             "cached": "python -m mlx_flash.worker --prefix-cache-dir DIR (RAM tier at its default budget)",
             "uncached": "python -m mlx_flash.worker --prefix-cache-bytes 0",
@@ -285,14 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         document = prose(random.Random(args.seed), tokenizer, args.history_tokens, "Document:")
         result.update(asyncio.run(measure(spec.path, work, args, document)))
     result["summary"] = summarize(result)
-    result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    result["wall_s"] = round(time.time() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write(result, args.out, started)
     s = result["summary"]
-    print(f"\nwrote {args.out} in {result['wall_s']} s")
-    for name, t in s["targets"].items():
-        print(f"  target {name}: {t['target']}: {t['value']} -> {'met' if t['pass'] else 'MISSED'}")
     return 0 if s["parity"] else 1
 
 

@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import re
-import shlex
 import statistics
 import sys
 import tempfile
@@ -39,7 +37,7 @@ from typing import Any
 import httpx
 
 from mlx_flash.demo import data
-from single_stream import git_state, machine
+from results import header, write
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -280,14 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["MLX_FLASH_PREFIX_CACHE_BYTES"] = str(args.prefix_cache_bytes)
     started = time.time()
     result: dict[str, Any] = {
-        "benchmark": "routing",
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "argv": sys.argv,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "quick": args.quick,
-        "machine": machine(),
-        "git": git_state(),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        **header("routing", args, started),
         "method": {
             "setups": {
                 k: f"mlx-flash serve --workers {1 if k == 'single' else args.workers} --policy {p}"
@@ -311,15 +302,9 @@ def main(argv: list[str] | None = None) -> int:
             got = {name: run_setup(name, trace, args, Path(tmp)) for name in order}
             result["rounds"].append({"order": order, **{k: got[k] for k in SETUPS}})
     result["summary"] = summarize([{k: r[k] for k in SETUPS} for r in result["rounds"]])
-    result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    result["wall_s"] = round(time.time() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write(result, args.out, started)
     s = result["summary"]
-    print(f"\nwrote {args.out} in {result['wall_s']} s")
     print(f"  reuse fraction (median): {s['reuse_fraction']}; /metrics agrees: {s['metrics_match']}")
-    for name, t in s["targets"].items():
-        print(f"  target {name}: {t['target']}: {t['value']} -> {'met' if t['pass'] else 'MISSED'}")
     return 0 if s["metrics_match"] else 1
 
 
