@@ -53,15 +53,6 @@ class ContextLengthExceeded(ApiError):
     code = "context_length_exceeded"
 
 
-class NotReady(ApiError):
-    status = 503
-    type = "server_error"
-    code = "model_loading"
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "5"}
-
-
 class MemoryExceeded(ApiError):
     """The request could never fit: its KV cache alone is larger than the memory limit allows."""
 

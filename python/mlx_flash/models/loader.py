@@ -37,10 +37,6 @@ class LoadedModel:
     weight_bytes: int
     kv_bytes_per_token: int
 
-    def serves(self, name: str) -> bool:
-        """Whether a request naming `name` is for this model (its id, or the directory's name)."""
-        return name in (self.id, self.path.name)
-
 
 def is_hub_id(name: str) -> bool:
     """`owner/repo`, the shape of a Hugging Face model id (and not a path)."""
