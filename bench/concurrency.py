@@ -540,8 +540,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hol-prompt-tokens", type=int, default=4000)
     p.add_argument("--hol-trials", type=int, default=2, help="head-of-line trials per server")
     p.add_argument("--hol-idle-gaps", type=int, default=24, help="idle inter-token gaps per stream")
-    p.add_argument("--hol-stream-tokens", type=int, default=2000, help="max_tokens of the 4 streams")
-    p.add_argument("--hol-timeout", type=float, default=600.0)
+    p.add_argument(
+        "--hol-stream-tokens",
+        type=int,
+        default=6000,
+        help="max_tokens of the 4 streams: they must outlast the long prompt's prefill",
+    )
+    p.add_argument("--hol-timeout", type=float, default=1800.0)
     p.add_argument(
         "--reference",
         choices=["disagreements", "all"],
@@ -551,6 +556,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--startup-timeout", type=float, default=180.0)
     p.add_argument("--out", type=Path)
     add_dense_flags(p)
+    p.set_defaults(dense_context=8192)  # room for the head-of-line streams
     args = p.parse_args(argv)
     if args.quick:
         # Tiny everything: checks the machinery end to end, measures nothing worth keeping.
@@ -561,8 +567,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.level_list = sorted({int(x) for x in args.levels.split(",") if x.strip()})
     if not args.level_list or min(args.level_list) < 1 or args.rounds < 1 or args.max_tokens < 2:
         p.error("need levels >= 1, --rounds >= 1, --max-tokens >= 2")
-    if args.hol_prompt_tokens + 8 > args.dense_context:
-        p.error("--hol-prompt-tokens must fit --dense-context")
+    if max(args.hol_prompt_tokens, args.hol_stream_tokens) + 64 > args.dense_context:
+        p.error("--hol-prompt-tokens and --hol-stream-tokens must fit --dense-context")
     return args
 
 
@@ -575,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         "method": {
             "ours": "mlx-flash serve --workers 1" if args.ours == "serve" else "python -m mlx_flash.worker",
             "peer": "python -m mlx_lm.server --model PATH --port N (defaults: prefill step 2048, decode "
-            "concurrency 32; ours: prefill step 512, batch 32)",
+            "concurrency 32; ours: defaults, prefill step 512 and while streams decode chunks sized to "
+            "about one decode step (--prefill-budget 1), batch 32)",
             "requests": "POST /v1/completions, stream, temperature 0, logit_bias {eos: -100}, new prompts "
             "each round",
             "decode_tok_s": "sum(completion tokens - 1) / (last token of any stream - first of any stream)",

@@ -297,11 +297,6 @@ def multi_turn(result: dict[str, Any], source: str) -> str:
     return "\n".join(rows)
 
 
-def _span(values: list[float]) -> str:
-    lo, hi = min(values), max(values)
-    return f"{lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}–{hi:.2f}"
-
-
 def _decisions(rounds: list[dict[str, Any]]) -> str:
     total: dict[str, float] = {}
     for r in rounds:
@@ -311,41 +306,59 @@ def _decisions(rounds: list[dict[str, Any]]) -> str:
     return ", ".join(f"{branch} {n:,.0f}" for branch, n in sorted(total.items(), key=lambda kv: -kv[1]))
 
 
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n < 2**30 else f"{n / 2**30:g} GiB"
+
+
 def routing(result: dict[str, Any], source: str) -> str:
-    s, t = result["summary"], result["summary"]["targets"]
-    rounds = result["rounds"]
     rows = [
-        "| set-up | requests | prompt tokens | reused tokens | reused (/metrics) | reuse | prefilled "
-        "(not reused) | cache_aware reuse / this |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| prefix cache | set-up | requests | prompt tokens | reused tokens | reused (/metrics) | reuse "
+        "| evictions | cache_aware reuse / this |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for key, what in result["method"]["setups"].items():
-        req = sum(r[key]["requests"] for r in rounds)
-        prompt = sum(r[key]["prompt_tokens"] for r in rounds)
-        reused = sum(r[key]["reused_tokens"] for r in rounds)
-        metric = sum(r[key]["metrics_reused_tokens"] for r in rounds)
-        ca = sum(r["cache_aware"]["reused_tokens"] for r in rounds)
-        rows.append(
-            f"| {key} (`{what.removeprefix('mlx-flash ')}`) | {req:,} | {prompt:,} | {reused:,} "
-            f"| {metric:,.0f} | {reused / prompt:.1%} | {prompt - reused:,} | {ca / max(reused, 1):.2f}× |"
+    notes = []
+    for b in result["budgets"]:
+        rounds, t = b["rounds"], b["summary"]["targets"]
+        for key, what in result["method"]["setups"].items():
+            req = sum(r[key]["requests"] for r in rounds)
+            prompt = sum(r[key]["prompt_tokens"] for r in rounds)
+            reused = sum(r[key]["reused_tokens"] for r in rounds)
+            metric = sum(r[key]["metrics_reused_tokens"] for r in rounds)
+            evicted = sum(r[key]["ram_evictions"] for r in rounds)
+            ca = sum(r["cache_aware"]["reused_tokens"] for r in rounds)
+            per = rounds[0][key]["prefix_cache_bytes_per_worker"]
+            cache = _mib(per) + (" each" if rounds[0][key]["workers"] > 1 else "")
+            rows.append(
+                f"| {cache} | {key} (`{what.removeprefix('mlx-flash ')}`) | {req:,} | {prompt:,} "
+                f"| {reused:,} | {metric:,.0f} | {reused / prompt:.1%} | {evicted:,.0f} "
+                f"| {ca / max(reused, 1):.2f}× |"
+            )
+        notes.append(
+            f"with {_mib(b['prefix_cache_bytes'])} per worker, cache_aware reuses "
+            f"{t['over_round_robin']['value']:.2f}× what round_robin does and "
+            f"{t['over_single']['value']:.2f}× a single worker (medians of per-round ratios; its decisions: "
+            f"{_decisions(rounds)})"
         )
-    st = result["settings"]
-    ceiling = [r["single"]["reused_tokens"] / max(r["round_robin"]["reused_tokens"], 1) for r in rounds]
+    st, first = result["settings"], result["budgets"][0]
+    t = first["summary"]["targets"]
+    consistent = all(b["summary"]["metrics_match"] for b in result["budgets"])
     rows += [
         "",
-        f"Targets: cache_aware reuse ≥ 3× round_robin — {t['over_round_robin']['value']:.2f}× (median of "
-        f"per-round ratios): {_met(t['over_round_robin'])}; ≥ 0.9× a single worker — "
-        f"{t['over_single']['value']:.2f}×: {_met(t['over_single'])}. A single worker bounds what routing "
-        f"can reuse; on this trace it reuses {_span(ceiling)}× what round_robin does. cache_aware's "
-        f"decisions: {_decisions(rounds)}.",
+        f"Targets, read at {_mib(first['prefix_cache_bytes'])} per worker: cache_aware reuse ≥ 3× "
+        f"round_robin — {t['over_round_robin']['value']:.2f}×: {_met(t['over_round_robin'])}; ≥ 0.9× a "
+        f"single worker — {t['over_single']['value']:.2f}×: {_met(t['over_single'])}. "
+        + "; ".join(notes).capitalize()
+        + ". When a worker's cache holds every session, round_robin still finds most of each history on "
+        "whichever worker saw the session last; when it holds about half, only cache_aware keeps each "
+        "session's history where the next turn goes.",
         "",
-        f"Trace: {st['sessions']} chat sessions × {st['turns']} turns, {len(rounds)} rounds (a new trace "
-        "each, set-ups in alternating order), sessions at once with seeded think times and at most "
-        f"{st['concurrency']} requests in flight; each turn resends the session's history; no session id "
-        f"sent. Model `{st['model']}`; {st['prefix_cache_bytes'] / 2**30:g} GiB RAM prefix cache per worker. "
-        "Reused tokens = Σ `usage.prompt_tokens_details.cached_tokens`; the /metrics column is the change "
-        "in `mlx_flash_prefix_cache_tokens_reused_total` summed over the workers in the sidecar's /metrics"
-        + (" (equal in every run)." if s["metrics_match"] else " (**differs**).")
+        f"Trace: {st['sessions']} chat sessions × {st['turns']} turns, {st['rounds']} rounds per budget "
+        "(a new trace each, set-ups in alternating order), sessions at once with seeded think times and at "
+        f"most {st['concurrency']} requests in flight; each turn resends the session's history; no session "
+        f"id sent. Model `{st['model']}`. The single worker gets the 2 workers' cache memory combined. "
+        "Reused tokens = Σ `usage.prompt_tokens_details.cached_tokens`; the /metrics column is the change in "
+        "`mlx_flash_prefix_cache_tokens_reused_total` summed over the workers in the sidecar's /metrics"
+        + (" (equal in every run)." if consistent else " (**differs**).")
         + f" {_machine(result['machine'])}; {result.get('started', '')}. "
         f"Source: `{source}`, made by `{_command(result)}`.",
     ]

@@ -1,13 +1,16 @@
 """Routing policies and the prefix cache: prompt tokens reused over a multi-session, multi-turn trace
 sent through the sidecar, for cache_aware and round_robin over 2 workers, and for a single worker.
 
-    python bench/routing.py            # 16 sessions x 8 turns, 3 rounds of the 3 set-ups (~3 min)
+    python bench/routing.py            # 16 sessions x 8 turns, 3 rounds of the 3 set-ups, 2 budgets (~6 min)
     python bench/routing.py --quick    # 4 sessions x 3 turns, 1 round, written to results/quick/
 
 Each set-up is a fresh `mlx-flash serve` (`--workers 2 --policy cache_aware`, `--workers 2 --policy
 round_robin`, `--workers 1`; --workers changes the 2) on the embedded demo model (default; this measures hit
-rates, not speed), every worker with a --prefix-cache-bytes RAM budget (MLX_FLASH_PREFIX_CACHE_BYTES) that
-the trace never fills. The trace: --sessions chat sessions of --turns turns; each turn resends the session's
+rates, not speed). Every set-up runs once per RAM prefix-cache budget in --prefix-cache-bytes
+(MLX_FLASH_PREFIX_CACHE_BYTES): per worker for the 2-worker set-ups, and the workers' total for the single
+worker, so all three hold the same cache memory. The default budgets are one a worker's share of the trace
+overflows (16M: about half the sessions' histories fit in one worker) and one the trace never fills (1G).
+The trace: --sessions chat sessions of --turns turns; each turn resends the session's
 whole history plus a new user message (echo and arithmetic requests in the demo model's repertoire, a system
 prompt in some sessions), as chat clients do. Sessions run at once, each waiting a seeded random think time
 before a turn, at most --concurrency requests in flight; no session id is sent, so only the policy decides
@@ -36,6 +39,7 @@ from typing import Any
 
 import httpx
 
+from mlx_flash.config import parse_bytes
 from mlx_flash.demo import data
 from results import header, write
 
@@ -49,6 +53,7 @@ TARGETS = {"over_round_robin": 3.0, "over_single": 0.9}
 # name -> policy; "single" is one worker, which has nothing to choose, so its policy does not matter.
 SETUPS = {"cache_aware": "cache_aware", "round_robin": "round_robin", "single": "cache_aware"}
 REUSED = "mlx_flash_prefix_cache_tokens_reused_total"
+EVICTED = "mlx_flash_prefix_cache_evictions_total"
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)")
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
@@ -169,9 +174,14 @@ async def run_trace(url: str, trace: list[Session], args: argparse.Namespace) ->
     return sorted((row for rows in per_session for row in rows), key=lambda r: (r["session"], r["turn"]))
 
 
-def run_setup(name: str, trace: list[Session], args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_setup(
+    name: str, trace: list[Session], budget: int, args: argparse.Namespace, work: Path
+) -> dict[str, Any]:
     policy = SETUPS[name]
     workers = 1 if name == "single" else args.workers
+    cache_bytes = budget * (args.workers if name == "single" else 1)
+    # Inherited by the sidecar and, through it, by its workers.
+    os.environ["MLX_FLASH_PREFIX_CACHE_BYTES"] = str(cache_bytes)
     log = work / f"sidecar-{name}.log"
     flags = ["--model", args.model, "--policy", policy]
     with run_sidecar(log, *flags, workers=workers, timeout=args.startup_timeout) as sidecar:
@@ -180,6 +190,8 @@ def run_setup(name: str, trace: list[Session], args: argparse.Namespace, work: P
         rows = asyncio.run(run_trace(sidecar.url, trace, args))
         wall = time.perf_counter() - started
         after = scrape(sidecar.url)
+    held = by_label(after, "mlx_flash_prefix_cache_bytes", "tier").get("ram", 0.0)
+    evicted = delta(by_label(after, EVICTED, "tier"), by_label(before, EVICTED, "tier")).get("ram", 0.0)
     reused_by = delta(by_label(after, REUSED, "worker", "tier"), by_label(before, REUSED, "worker", "tier"))
     decisions = delta(
         by_label(after, "mlx_flash_sidecar_routing_decisions_total", "policy", "branch"),
@@ -192,15 +204,19 @@ def run_setup(name: str, trace: list[Session], args: argparse.Namespace, work: P
         per_worker[str(r["worker"])] = per_worker.get(str(r["worker"]), 0) + 1
     metric_reused = sum(reused_by.values())
     print(
-        f"   {name:12s} ({workers} worker{'s' if workers > 1 else ''}, {policy}): reused {reused} of "
+        f"   {name:12s} ({workers} worker{'s' if workers > 1 else ''}, {policy}, {cache_bytes >> 20} MiB"
+        f" cache{' each' if workers > 1 else ''}): reused {reused} of "
         f"{prompt} prompt tokens ({reused / prompt:.1%}); /metrics says {metric_reused:.0f}; "
-        f"requests by worker {per_worker}; {wall:.1f} s",
+        f"requests by worker {per_worker}; {evicted:.0f} evictions; {wall:.1f} s",
         flush=True,
     )
     return {
         "setup": name,
         "workers": workers,
         "policy": policy,
+        "prefix_cache_bytes_per_worker": cache_bytes,
+        "cache_bytes_held_at_end": held,
+        "ram_evictions": evicted,
         "requests": len(rows),
         "prompt_tokens": prompt,
         "reused_tokens": reused,
@@ -218,7 +234,7 @@ def run_setup(name: str, trace: list[Session], args: argparse.Namespace, work: P
 # ---------------------------------------------------------------- main
 
 
-def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(rounds: list[dict[str, Any]], budget: int) -> dict[str, Any]:
     over_rr = [r["cache_aware"]["reused_tokens"] / max(r["round_robin"]["reused_tokens"], 1) for r in rounds]
     over_single = [r["cache_aware"]["reused_tokens"] / max(r["single"]["reused_tokens"], 1) for r in rounds]
     # What any policy could reach over round robin: all of a session's turns on one worker.
@@ -234,12 +250,14 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "metrics_match": consistent,
         "targets": {
             "over_round_robin": {
-                "target": f"cache_aware reuse >= {TARGETS['over_round_robin']}x round_robin",
+                "target": f"cache_aware reuse >= {TARGETS['over_round_robin']}x round_robin "
+                f"({budget >> 20} MiB prefix cache per worker)",
                 "value": round(med_rr, 3),
                 "pass": med_rr >= TARGETS["over_round_robin"],
             },
             "over_single": {
-                "target": f"cache_aware reuse >= {TARGETS['over_single']}x a single worker",
+                "target": f"cache_aware reuse >= {TARGETS['over_single']}x a single worker "
+                f"({budget >> 20} MiB prefix cache per worker)",
                 "value": round(med_single, 3),
                 "pass": med_single >= TARGETS["over_single"],
             },
@@ -259,7 +277,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight at most")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--rounds", type=int, default=3, help="traces, each run on every set-up")
-    p.add_argument("--prefix-cache-bytes", type=int, default=1 << 30, help="per worker (RAM tier)")
+    p.add_argument(
+        "--prefix-cache-bytes",
+        default="16M,1G",
+        help="RAM prefix-cache budgets per worker, comma-separated; each is a full run, the first is the "
+        "one the targets are read at",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--startup-timeout", type=float, default=180.0)
     p.add_argument("--out", type=Path)
@@ -267,6 +290,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.sessions, args.turns, args.rounds = 4, 3, 1
     args.out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    args.budgets = [parse_bytes(b) for b in args.prefix_cache_bytes.split(",") if b.strip()]
+    if not args.budgets or min(args.budgets) < 1:
+        p.error("--prefix-cache-bytes needs sizes > 0")
     if min(args.sessions, args.turns, args.rounds, args.concurrency) < 1 or args.workers < 2:
         p.error("need --sessions, --turns, --rounds and --concurrency >= 1, and --workers >= 2")
     return args
@@ -274,11 +300,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # Inherited by the sidecar and, through it, by its workers.
-    os.environ["MLX_FLASH_PREFIX_CACHE_BYTES"] = str(args.prefix_cache_bytes)
     started = time.time()
     result: dict[str, Any] = {
-        **header("routing", args, started),
+        **header("routing", args, started, omit=("budgets",)),
         "method": {
             "setups": {
                 k: f"mlx-flash serve --workers {1 if k == 'single' else args.workers} --policy {p}"
@@ -289,23 +313,36 @@ def main(argv: list[str] | None = None) -> int:
             "reuse": "sum of usage.prompt_tokens_details.cached_tokens; cross-check: the change in the sum "
             f"of {REUSED} over workers and tiers in the sidecar's /metrics",
             "order": "set-ups alternate per round (A B C, C B A, ...); each round a new trace",
+            "budgets": "each --prefix-cache-bytes budget is a full run; per worker for 2 workers, the total "
+            "of those workers for the single worker",
         },
-        "rounds": [],
+        "budgets": [],
     }
     with tempfile.TemporaryDirectory(prefix="mlxf-bench-") as tmp:
-        for r in range(args.rounds):
-            trace = build_trace(args.sessions, args.turns, args.seed + r)
-            order = list(SETUPS) if r % 2 == 0 else list(reversed(SETUPS))
-            print(
-                f"== round {r + 1}/{args.rounds}: {args.sessions} sessions x {args.turns} turns", flush=True
-            )
-            got = {name: run_setup(name, trace, args, Path(tmp)) for name in order}
-            result["rounds"].append({"order": order, **{k: got[k] for k in SETUPS}})
-    result["summary"] = summarize([{k: r[k] for k in SETUPS} for r in result["rounds"]])
+        for budget in args.budgets:
+            rounds = []
+            for r in range(args.rounds):
+                trace = build_trace(args.sessions, args.turns, args.seed + r)
+                order = list(SETUPS) if r % 2 == 0 else list(reversed(SETUPS))
+                print(
+                    f"== {budget >> 20} MiB per worker, round {r + 1}/{args.rounds}: {args.sessions} sessions"
+                    f" x {args.turns} turns",
+                    flush=True,
+                )
+                got = {name: run_setup(name, trace, budget, args, Path(tmp)) for name in order}
+                rounds.append({"order": order, **{k: got[k] for k in SETUPS}})
+            summary = summarize([{k: r[k] for k in SETUPS} for r in rounds], budget)
+            result["budgets"].append({"prefix_cache_bytes": budget, "rounds": rounds, "summary": summary})
+    result["summary"] = result["budgets"][0]["summary"]
     write(result, args.out, started)
-    s = result["summary"]
-    print(f"  reuse fraction (median): {s['reuse_fraction']}; /metrics agrees: {s['metrics_match']}")
-    return 0 if s["metrics_match"] else 1
+    for b in result["budgets"]:
+        s = b["summary"]
+        print(
+            f"  {b['prefix_cache_bytes'] >> 20} MiB per worker: reuse fraction (median) "
+            f"{s['reuse_fraction']}; cache_aware / round_robin "
+            f"{s['targets']['over_round_robin']['value']}; /metrics agrees: {s['metrics_match']}"
+        )
+    return 0 if all(b["summary"]["metrics_match"] for b in result["budgets"]) else 1
 
 
 if __name__ == "__main__":

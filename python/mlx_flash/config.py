@@ -15,6 +15,10 @@ DEFAULT_PREFIX_CACHE_DISK_BYTES = 10 << 30
 DEFAULT_MEMORY_FRACTION = 0.75
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_QUEUE_TIMEOUT = 30.0
+DEFAULT_PREFILL_STEP = 512
+# While streams decode, a prefill chunk may take about this many decode steps: streams then slow to
+# about twice their idle inter-token time while a long prompt is read.
+DEFAULT_PREFILL_BUDGET = 1.0
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,8 @@ class WorkerConfig:
     kv_bits: int | None = None
     kv_group_size: int = 64
     quantized_kv_start: int = 5000
+    prefill_step: int = DEFAULT_PREFILL_STEP
+    prefill_budget: float = DEFAULT_PREFILL_BUDGET
     worker_id: str | None = None
     local_workers: int = 1
     host: str = "127.0.0.1"
@@ -60,6 +66,8 @@ class WorkerConfig:
             raise ValueError("--kv-bits must be 2, 3, 4, 5, 6 or 8")
         if self.kv_group_size not in (32, 64, 128) or self.quantized_kv_start < 0:
             raise ValueError("--kv-group-size must be 32, 64 or 128 and --quantized-kv-start >= 0")
+        if self.prefill_step < 1 or self.prefill_budget < 0:
+            raise ValueError("--prefill-step must be >= 1 and --prefill-budget >= 0")
         if self.local_workers < 1:
             raise ValueError("--local-workers must be >= 1")
         if self.worker_id is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.worker_id):

@@ -42,6 +42,12 @@ BATCH_SIZE = Histogram(
     ["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64),
 )
+PREFILL_CHUNK_TOKENS = Histogram(
+    "mlx_flash_prefill_chunk_tokens",
+    "Prompt tokens read per prompt in one engine step (smaller while other streams decode)",
+    ["model"],
+    buckets=(1, 4, 16, 64, 256, 1024, 4096),
+)
 PREFIX_CACHE_HITS = Counter(
     "mlx_flash_prefix_cache_hits", "Requests that reused a cached prompt prefix", ["model", "tier"]
 )

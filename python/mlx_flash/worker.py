@@ -42,6 +42,8 @@ from mlx_flash.config import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MEMORY_FRACTION,
+    DEFAULT_PREFILL_BUDGET,
+    DEFAULT_PREFILL_STEP,
     DEFAULT_PREFIX_CACHE_BYTES,
     DEFAULT_PREFIX_CACHE_DISK_BYTES,
     DEFAULT_QUEUE_TIMEOUT,
@@ -315,6 +317,20 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--quantized-kv-start", type=int, default=5000, help="tokens kept unquantized before KV quantization"
     )
     p.add_argument(
+        "--prefill-step",
+        type=int,
+        default=DEFAULT_PREFILL_STEP,
+        help="most prompt tokens read per prompt between two decode steps",
+    )
+    p.add_argument(
+        "--prefill-budget",
+        type=float,
+        default=DEFAULT_PREFILL_BUDGET,
+        help="while streams decode, size prefill chunks to take about this many decode steps, so streams "
+        "slow to about (1 + this) times their idle inter-token time during a long prompt; 0: always "
+        "--prefill-step tokens (fastest prefill, streams stall)",
+    )
+    p.add_argument(
         "--prefix-cache-bytes",
         type=_bytes,
         default=_bytes(env_default("PREFIX_CACHE_BYTES", str(DEFAULT_PREFIX_CACHE_BYTES)) or "0"),
@@ -376,6 +392,8 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
         kv_bits=args.kv_bits,
         kv_group_size=args.kv_group_size,
         quantized_kv_start=args.quantized_kv_start,
+        prefill_step=args.prefill_step,
+        prefill_budget=args.prefill_budget,
         host=args.host,
         port=args.port,
         uds=args.uds,

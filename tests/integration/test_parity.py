@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
 import pytest
 from mlx_lm import generate, load
+from mlx_lm.sample_utils import make_logits_processors
 
 from helpers import Worker, build_model, run_worker
 
 PROMPTS = ["Hello there, what is", "What is 12+7?", '{"key": [1, 2', "café 東京 🙂 and"]
 MAX_TOKENS = 40
+STREAM_TOKENS = 800
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama", "qwen3_moe", "mixtral"])
@@ -124,3 +127,53 @@ def test_kv_bits_output_matches_mlx_lm_generate_with_the_same_quantization(tmp_p
         again, cached = complete(PROMPTS[1])
         assert again == expected[1] and cached > 0
         assert w.metric("mlx_flash_batch_size_count", 0.0, model=str(path)) == 0  # never batched
+
+
+def test_a_prompt_read_while_others_decode_is_paced_and_matches_its_solo_output(
+    model_path: dict[str, Path], tmp_path: Path
+) -> None:
+    """A long prompt arriving while streams decode is read in small chunks between their decode steps
+    (a small --prefill-budget makes them very small); chunking changes neither its output nor theirs."""
+    path = str(model_path["qwen3"])
+    model, tokenizer = load(path)
+    eos = {t: -100.0 for t in tokenizer.eos_token_ids}  # the streams run their full length
+    running = [f"Stream {i}: once upon a time" for i in range(2)]
+    long_prompt = " ".join(f"word{i} and" for i in range(150))
+    assert len(tokenizer.encode(long_prompt)) > 300
+    expected_running = [
+        generate(model, tokenizer, p, max_tokens=STREAM_TOKENS, logits_processors=make_logits_processors(eos))
+        for p in running
+    ]
+    expected_long = generate(model, tokenizer, long_prompt, max_tokens=MAX_TOKENS)
+    with (
+        run_worker(path, tmp_path / "w.log", "--prefill-budget", "0.1") as w,
+        openai.OpenAI(base_url=f"{w.url}/v1", api_key="unused", max_retries=0) as c,
+        ThreadPoolExecutor(len(running)) as pool,
+    ):
+        started = [threading.Event() for _ in running]
+
+        def stream(prompt: str, started: threading.Event) -> str:
+            bias = {str(t): b for t, b in eos.items()}
+            chunks = c.completions.create(
+                model=path,
+                prompt=prompt,
+                max_tokens=STREAM_TOKENS,
+                temperature=0,
+                logit_bias=bias,
+                stream=True,
+            )
+            text = ""
+            for ch in chunks:
+                started.set()
+                text += ch.choices[0].text if ch.choices else ""
+            return text
+
+        futures = [pool.submit(stream, p, e) for p, e in zip(running, started, strict=True)]
+        assert all(e.wait(60) for e in started)
+        got_long = c.completions.create(model=path, prompt=long_prompt, max_tokens=MAX_TOKENS, temperature=0)
+        assert not all(f.done() for f in futures), "the long prompt did not overlap the streams"
+        got_running = [f.result() for f in futures]
+        small = w.metric("mlx_flash_prefill_chunk_tokens_bucket", le="16.0", model=path)
+    assert got_long.choices[0].text == expected_long
+    assert got_running == expected_running
+    assert small > 0, "the long prompt was read in large chunks"

@@ -24,8 +24,9 @@ from mlx_lm.sample_utils import LogitsProcessor, Sampler, make_logits_processors
 from prometheus_client import Gauge
 
 from mlx_flash import metrics
-from mlx_flash.config import DEFAULT_PREFIX_CACHE_BYTES
+from mlx_flash.config import DEFAULT_PREFILL_BUDGET, DEFAULT_PREFILL_STEP, DEFAULT_PREFIX_CACHE_BYTES
 from mlx_flash.engine.logprobs import TokenBytes, token_logprob
+from mlx_flash.engine.pacing import PrefillPacer
 from mlx_flash.engine.prefix_cache import PrefixCache
 from mlx_flash.engine.request import (
     Event,
@@ -93,8 +94,9 @@ class RequestHandle:
 class Engine:
     """Continuous batching over mlx-lm's `BatchGenerator` on one thread per model.
 
-    Requests join the batch as they arrive and leave at token boundaries; long prompts are prefilled
-    in chunks of `prefill_step` tokens between decode steps, so running streams keep flowing.
+    Requests join the batch as they arrive and leave at token boundaries. Prompts are prefilled in
+    chunks between decode steps, of at most `prefill_step` tokens and, while other streams decode,
+    sized to take about `prefill_budget` decode steps, so running streams keep flowing.
     """
 
     def __init__(
@@ -102,18 +104,21 @@ class Engine:
         loaded: LoadedModel,
         prefix_cache: PrefixCache | None = None,
         max_batch: int = 32,
-        prefill_step: int = 512,
+        prefill_step: int = DEFAULT_PREFILL_STEP,
+        prefill_budget: float = DEFAULT_PREFILL_BUDGET,
         kv_quantization: KvQuantization | None = None,
     ) -> None:
         self.loaded = loaded
         self.prefix_cache = prefix_cache or PrefixCache(loaded.id, DEFAULT_PREFIX_CACHE_BYTES)
         self.max_batch = max_batch
         self.prefill_step = prefill_step
+        self.prefill_budget = prefill_budget
         self.kv_quantization = kv_quantization
         self.token_bytes = TokenBytes(loaded.tokenizer)
         self.vocab_size = int(loaded.config.get("vocab_size") or len(loaded.tokenizer))
         self._jobs: queue.Queue[RequestHandle | None] = queue.Queue()
         self._in_flight = metrics.REQUESTS_IN_FLIGHT.labels(model=loaded.id)
+        self._chunk_tokens = metrics.PREFILL_CHUNK_TOKENS.labels(model=loaded.id)
         run = self._run_serial if kv_quantization else self._run
         self._thread = threading.Thread(target=run, name=f"engine:{loaded.id}", daemon=True)
         self._thread.start()
@@ -143,6 +148,7 @@ class Engine:
         generator = self._new_generator()
         streams: dict[int, _Stream] = {}
         batch_size = metrics.BATCH_SIZE.labels(model=self.loaded.id)
+        pacer = PrefillPacer(self.prefill_step, self.prefill_budget)
         while True:
             # Block only when idle; otherwise take whatever arrived and keep the batch moving.
             jobs = [] if streams else [self._jobs.get()]
@@ -164,7 +170,7 @@ class Engine:
             if not streams:
                 continue
             try:
-                _, responses = generator.next()  # type: ignore[no-untyped-call]
+                responses = self._next(generator, streams, pacer)
                 if responses:
                     batch_size.observe(len(responses))
                 finished = [r.uid for r in responses if streams[r.uid].step(r)]
@@ -185,6 +191,24 @@ class Engine:
                 self._remove(generator, running)
             for uid in finished:
                 streams.pop(uid).close()
+
+    def _next(
+        self, generator: BatchGenerator, streams: dict[int, _Stream], pacer: PrefillPacer
+    ) -> list[GenerationBatch.Response]:
+        """One step of the batch: a decode step for the running streams, then a paced prefill chunk."""
+        decoding = sum(stream.decoding for stream in streams.values())
+        prefilling = min(len(streams) - decoding, generator.prefill_batch_size)
+        generator.prefill_step_size = pacer.chunk(decoding, prefilling)
+        with generator.stats() as step:
+            prompts, responses = generator.next()  # type: ignore[no-untyped-call]
+        pacer.observe(decoding, step.prompt_tokens, step.wall_time)
+        for p in prompts:
+            if p.end_of_prompt:
+                streams[p.uid].decoding = True
+        if step.prompt_tokens:
+            reading = sum(not p.end_of_prompt for p in prompts)
+            self._chunk_tokens.observe(step.prompt_tokens / max(1, reading))
+        return list(responses)
 
     def _run_serial(self) -> None:
         """With KV quantization, one request at a time: mlx-lm quantizes the KV cache only in its
@@ -332,6 +356,7 @@ class _Stream:
         self.handle = handle
         self.cached = cached
         self.running = True
+        self.decoding = False  # prefilled: in the generator's decode batch
         self._engine = engine
         self._in_flight = in_flight
         self._detokenizer = engine.loaded.tokenizer.detokenizer

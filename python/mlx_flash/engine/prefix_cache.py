@@ -55,7 +55,7 @@ class PrefixCache:
         self._reused.inc(len(tokens) - len(rest))
         return cache, list(rest)
 
-    def store(self, tokens: list[int], cache: list[Any]) -> None:
+    def store(self, tokens: list[int] | None, cache: list[Any] | None) -> None:
         """Keep the KV of `tokens` (what the cache holds) for later requests."""
         if not (tokens and cache):
             return

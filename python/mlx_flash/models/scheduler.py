@@ -407,4 +407,10 @@ def _open(entry: Entry, path: Path, config: WorkerConfig, prefix_cache: Any) -> 
             raise ValueError(
                 f"--kv-group-size {q.group_size} must divide the head size {head_dim(loaded.config)}"
             )
-    return Engine(loaded, prefix_cache(loaded), kv_quantization=q)
+    return Engine(
+        loaded,
+        prefix_cache(loaded),
+        prefill_step=config.prefill_step,
+        prefill_budget=config.prefill_budget,
+        kv_quantization=q,
+    )
