@@ -1,0 +1,158 @@
+"""Where each expert's bytes sit in a model's safetensors files, and reading them without mmap.
+
+mlx-lm stores a MoE layer's experts stacked: `...switch_mlp.gate_proj.weight` has shape
+(num_experts, out, in) (quantized: packed uint32 weights plus scales and biases of the same leading
+dimension), so expert e of a tensor is one contiguous run of bytes. The store reads those runs with
+positional reads (`os.preadv`, which releases the GIL) on a thread pool, straight into the buffers the
+arrays are made from: no mmap page faults, and every dtype kept exactly as stored (bf16 bits stay bf16).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+# safetensors dtype -> (numpy dtype holding the bytes, the MLX dtype they are). NumPy has no bfloat16:
+# its bits travel as uint16 and are viewed as bfloat16 in MLX.
+DTYPES: dict[str, tuple[type[np.generic], mx.Dtype]] = {
+    "BF16": (np.uint16, mx.bfloat16),
+    "F16": (np.float16, mx.float16),
+    "F32": (np.float32, mx.float32),
+    "U32": (np.uint32, mx.uint32),
+    "U8": (np.uint8, mx.uint8),
+    "I8": (np.int8, mx.int8),
+    "I32": (np.int32, mx.int32),
+}
+# Larger reads are split so one expert's tensor is read by several threads at once.
+MAX_READ = 4 << 20
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """One tensor of a safetensors file: its dtype, shape and absolute byte range in the file."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class ExpertTensor:
+    """A tensor whose leading dimension is the experts; expert e is bytes [offset(e), +expert_bytes)."""
+
+    name: str
+    location: TensorLocation
+
+    @property
+    def num_experts(self) -> int:
+        return self.location.shape[0]
+
+    @property
+    def expert_shape(self) -> tuple[int, ...]:
+        return self.location.shape[1:]
+
+    @property
+    def expert_bytes(self) -> int:
+        return (self.location.end - self.location.start) // self.num_experts
+
+    def offset(self, expert: int) -> int:
+        if not 0 <= expert < self.num_experts:
+            raise IndexError(f"{self.name} has {self.num_experts} experts, not {expert}")
+        return self.location.start + expert * self.expert_bytes
+
+
+def read_index(path: Path) -> dict[str, TensorLocation]:
+    """The tensors of one safetensors file, from its header (8-byte little-endian length, then JSON)."""
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", head)
+        size = path.stat().st_size
+        if n > size - 8:
+            raise ValueError(f"{path}: header length {n} runs past the end of the file")
+        header = json.loads(f.read(n))
+    base = 8 + n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        if not 0 <= begin <= end <= size - base:
+            raise ValueError(f"{path}: {name}'s bytes lie outside the file")
+        out[name] = TensorLocation(path, info["dtype"], tuple(info["shape"]), base + begin, base + end)
+    return out
+
+
+class ExpertStore:
+    """Positional reads of chosen experts' rows from a model directory's safetensors files."""
+
+    def __init__(self, model_dir: Path, names: Iterable[str], threads: int = 8) -> None:
+        index: dict[str, TensorLocation] = {}
+        for f in sorted(Path(model_dir).glob("*.safetensors")):
+            index.update(read_index(f))
+        self.tensors: dict[str, ExpertTensor] = {}
+        for name in names:
+            loc = index.get(name)
+            if loc is None:
+                raise KeyError(f"{name} is not in the safetensors files of {model_dir}")
+            if loc.dtype not in DTYPES:
+                raise ValueError(f"{name}: dtype {loc.dtype} is not supported")
+            if len(loc.shape) < 2 or (loc.end - loc.start) % loc.shape[0]:
+                raise ValueError(f"{name} (shape {loc.shape}) is not stacked by expert")
+            self.tensors[name] = ExpertTensor(name, loc)
+        self._fds = {f: os.open(f, os.O_RDONLY) for f in {t.location.file for t in self.tensors.values()}}
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="expert-read")
+        self.bytes_read = 0
+
+    def expert_bytes(self, names: Iterable[str] | None = None) -> int:
+        """Bytes of one expert over `names` (all tensors by default)."""
+        return sum(self.tensors[n].expert_bytes for n in (self.tensors if names is None else names))
+
+    def read(self, name: str, experts: Sequence[int]) -> mx.array:
+        """The rows of `experts` of tensor `name`, stacked: shape (len(experts), *expert_shape)."""
+        t = self.tensors[name]
+        np_dtype, mx_dtype = DTYPES[t.location.dtype]
+        buf = np.empty((len(experts), *t.expert_shape), dtype=np_dtype)
+        raw = buf.reshape(-1).view(np.uint8).data
+        fd, size = self._fds[t.location.file], t.expert_bytes
+        jobs = []
+        for i, e in enumerate(experts):
+            start = t.offset(e)
+            for part in range(0, size, MAX_READ):
+                n = min(MAX_READ, size - part)
+                jobs.append(
+                    self._pool.submit(
+                        _read_exact, fd, raw[i * size + part : i * size + part + n], start + part
+                    )
+                )
+        for job in jobs:
+            job.result()
+        self.bytes_read += size * len(experts)
+        out = mx.array(buf)
+        return out.view(mx_dtype) if out.dtype != mx_dtype else out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _read_exact(fd: int, into: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(into):
+        n = os.preadv(fd, [into[done:]], offset + done)
+        if n == 0:
+            raise OSError(f"unexpected end of file at byte {offset + done}")
+        done += n

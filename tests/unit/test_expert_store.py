@@ -1,0 +1,90 @@
+"""The expert store reads exactly the bytes mlx-lm loads, for every dtype, by positional reads."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import SwitchGLU
+from mlx_lm.utils import load
+
+from helpers import build_model
+from mlx_flash.experts.store import MAX_READ, ExpertStore, read_index
+
+
+def expert_names(model: nn.Module) -> list[str]:
+    """The parameters of the model's SwitchGLU layers, as saved."""
+    names = []
+    for path, module in model.named_modules():
+        if isinstance(module, SwitchGLU):
+            names += [f"{path}.{k}" for k, _ in tree_flatten(module.parameters())]
+    return names
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_reads_each_expert_as_mlx_lm_loads_it(tmp_path: Path, quantized: bool) -> None:
+    path = build_model("qwen3_moe", tmp_path / "moe")
+    model, _ = load(str(path))
+    if quantized:  # 4-bit weights with bf16 scales and biases, as mlx-community checkpoints hold them
+        model.set_dtype(mx.bfloat16)
+        nn.quantize(model, group_size=32, bits=4)
+        mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    names = expert_names(model)
+    params = dict(tree_flatten(model.parameters()))
+    assert names and (not quantized or any(params[n].dtype == mx.bfloat16 for n in names))
+    store = ExpertStore(path, names)
+    try:
+        for name in names:
+            got = store.read(name, [5, 0, 7])
+            want = params[name][mx.array([5, 0, 7])]
+            assert got.dtype == want.dtype and got.shape == want.shape
+            assert mx.array_equal(got, want).item(), name
+        assert store.bytes_read == 3 * store.expert_bytes()
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32, mx.uint32, mx.uint8])
+def test_every_dtype_keeps_its_bits(tmp_path: Path, dtype: mx.Dtype) -> None:
+    x = (mx.random.normal((4, 3, 8)) * 1000).astype(dtype)
+    mx.save_safetensors(str(tmp_path / "a.safetensors"), {"experts.w": x})
+    store = ExpertStore(tmp_path, ["experts.w"])
+    try:
+        assert mx.array_equal(store.read("experts.w", [3, 1]), x[mx.array([3, 1])]).item()
+    finally:
+        store.close()
+
+
+def test_an_expert_larger_than_one_read_is_split_and_reassembled(tmp_path: Path) -> None:
+    x = mx.random.normal((2, MAX_READ // 4 + 17))  # float32: one expert spans two reads
+    mx.save_safetensors(str(tmp_path / "a.safetensors"), {"w": x})
+    store = ExpertStore(tmp_path, ["w"])
+    try:
+        assert mx.array_equal(store.read("w", [1, 0]), x[mx.array([1, 0])]).item()
+    finally:
+        store.close()
+
+
+def test_bad_files_and_names_are_refused_clearly(tmp_path: Path) -> None:
+    (tmp_path / "short.safetensors").write_bytes(b"\x01")
+    with pytest.raises(ValueError, match="too short"):
+        read_index(tmp_path / "short.safetensors")
+    (tmp_path / "short.safetensors").write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    with pytest.raises(ValueError, match="past the end"):
+        read_index(tmp_path / "short.safetensors")
+    (tmp_path / "short.safetensors").unlink()
+    mx.save_safetensors(str(tmp_path / "a.safetensors"), {"w": mx.zeros((3, 2)), "v": mx.zeros((5,))})
+    with pytest.raises(KeyError, match="nope"):
+        ExpertStore(tmp_path, ["nope"])
+    with pytest.raises(ValueError, match="not stacked"):
+        ExpertStore(tmp_path, ["v"])
+    store = ExpertStore(tmp_path, ["w"])
+    try:
+        with pytest.raises(IndexError, match="3 experts"):
+            store.read("w", [3])
+    finally:
+        store.close()
