@@ -1,1 +1,1 @@
-"""Expert streaming for MoE models larger than memory (issue D): the expert store so far."""
+"""Expert streaming for MoE models larger than memory: the expert store and cache policies so far."""

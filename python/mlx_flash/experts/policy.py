@@ -1,0 +1,158 @@
+"""Which resident expert to evict: LRU, LFU and frequency with decay, and Belady's optimum for replay.
+
+A policy tracks one layer's resident experts. `access(needed)` is called once per forward pass of the
+layer with the experts its tokens use; it returns the experts that missed and, to make room for them,
+the experts evicted. Experts needed by the current pass are never evicted for each other: a pass needing
+more experts than the capacity is the caller's to split.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+POLICIES = ("lru", "lfu", "decay")
+# Frequency with decay: each access adds 1, and every score is multiplied by this per pass of the layer.
+DECAY = 0.95
+
+
+@dataclass
+class Outcome:
+    hits: int = 0
+    misses: list[int] = field(default_factory=list)
+    evicted: list[int] = field(default_factory=list)
+
+
+class Policy:
+    """A layer's resident set of at most `capacity` experts; subclasses choose the victim."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("an expert cache needs room for at least one expert")
+        self.capacity = capacity
+        self.resident: set[int] = set()
+
+    def access(self, needed: Iterable[int]) -> Outcome:
+        want = list(dict.fromkeys(needed))
+        if len(want) > self.capacity:
+            raise ValueError(f"{len(want)} experts needed at once, room for {self.capacity}")
+        out = Outcome()
+        for e in want:
+            if e in self.resident:
+                out.hits += 1
+            else:
+                out.misses.append(e)
+        keep = set(want)
+        for e in out.misses:
+            if len(self.resident) >= self.capacity:
+                victim = self._victim(self.resident - keep)
+                self.resident.discard(victim)
+                self._forget(victim)
+                out.evicted.append(victim)
+            self.resident.add(e)
+        self._touch(want)
+        return out
+
+    def _victim(self, candidates: set[int]) -> int:
+        raise NotImplementedError
+
+    def _touch(self, experts: Sequence[int]) -> None:
+        raise NotImplementedError
+
+    def _forget(self, expert: int) -> None:
+        """An expert left the cache."""
+
+
+class LRU(Policy):
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self._order: OrderedDict[int, None] = OrderedDict()
+
+    def _touch(self, experts: Sequence[int]) -> None:
+        for e in experts:
+            self._order[e] = None
+            self._order.move_to_end(e)
+
+    def _victim(self, candidates: set[int]) -> int:
+        return next(e for e in self._order if e in candidates)
+
+    def _forget(self, expert: int) -> None:
+        self._order.pop(expert, None)
+
+
+class LFU(Policy):
+    """Least frequently used, counting every access since the start (ties: least recently used)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self._count: dict[int, float] = {}
+        self._last: dict[int, int] = {}
+        self._clock = 0
+
+    def _touch(self, experts: Sequence[int]) -> None:
+        self._clock += 1
+        for e in experts:
+            self._count[e] = self._count.get(e, 0.0) + 1.0
+            self._last[e] = self._clock
+
+    def _victim(self, candidates: set[int]) -> int:
+        return min(candidates, key=lambda e: (self._count.get(e, 0.0), self._last.get(e, 0)))
+
+
+class Decay(LFU):
+    """Frequency with decay: recent use counts more than old use, so the set follows the workload."""
+
+    def _touch(self, experts: Sequence[int]) -> None:
+        for e in self._count:
+            self._count[e] *= DECAY
+        super()._touch(experts)
+
+
+def make_policy(name: str, capacity: int) -> Policy:
+    kinds: dict[str, type[Policy]] = {"lru": LRU, "lfu": LFU, "decay": Decay}
+    if name not in kinds:
+        raise ValueError(f"unknown expert cache policy {name!r}: use one of {', '.join(POLICIES)}")
+    return kinds[name](capacity)
+
+
+def hit_rate(passes: Sequence[Sequence[int]], policy: Policy) -> float:
+    """Fraction of expert uses served from the cache over one layer's passes."""
+    hits = uses = 0
+    for needed in passes:
+        out = policy.access(needed)
+        hits += out.hits
+        uses += out.hits + len(out.misses)
+    return hits / uses if uses else 1.0
+
+
+def belady_hit_rate(passes: Sequence[Sequence[int]], capacity: int) -> float:
+    """The optimum: on a miss, evict the resident expert needed furthest in the future."""
+    uses_at: dict[int, list[int]] = {}
+    for i, needed in enumerate(passes):
+        for e in dict.fromkeys(needed):
+            uses_at.setdefault(e, []).append(i)
+    cursor = dict.fromkeys(uses_at, 0)
+    resident: set[int] = set()
+    hits = uses = 0
+    for needed in passes:
+        want = list(dict.fromkeys(needed))
+        if len(want) > capacity:
+            raise ValueError(f"{len(want)} experts needed at once, room for {capacity}")
+        for e in want:
+            cursor[e] += 1  # uses_at[e][cursor[e]] is now e's next use after this pass
+        keep = set(want)
+        for e in want:
+            uses += 1
+            if e in resident:
+                hits += 1
+                continue
+            if len(resident) >= capacity:
+
+                def next_use(x: int) -> int:
+                    later = uses_at[x]
+                    return later[cursor[x]] if cursor[x] < len(later) else len(passes) + 1
+
+                resident.discard(max(resident - keep, key=next_use))
+            resident.add(e)
+    return hits / uses if uses else 1.0

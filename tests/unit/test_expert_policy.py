@@ -1,0 +1,58 @@
+"""Expert cache policies and Belady's optimum on small traces with known answers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from mlx_flash.experts.policy import LRU, POLICIES, belady_hit_rate, hit_rate, make_policy
+
+
+def test_lru_misses_every_time_on_a_cycle_one_larger_than_the_cache() -> None:
+    passes = [[e] for e in [0, 1, 2] * 10]
+    assert hit_rate(passes, LRU(2)) == 0.0
+    assert belady_hit_rate(passes, 2) > 0.4  # the optimum keeps one of the two it will need soonest
+
+
+def test_lfu_keeps_the_hot_expert_that_lru_drops() -> None:
+    passes = [[0], [1], [0], [2], [0], [3], [4], [0], [5], [6], [0]]
+    assert hit_rate(passes, make_policy("lfu", 2)) > hit_rate(passes, make_policy("lru", 2))
+
+
+def test_decay_follows_a_shift_that_lfu_does_not() -> None:
+    old = [[0], [1]] * 30  # experts 0 and 1 were hot for a long time
+    new = [[2], [3], [4]] * 30  # now 2, 3 and 4 are
+    passes = old + new
+    decay, lfu = make_policy("decay", 3), make_policy("lfu", 3)
+    assert hit_rate(passes, decay) > hit_rate(passes, lfu)
+
+
+def test_experts_needed_by_the_same_pass_are_never_evicted_for_each_other() -> None:
+    for name in POLICIES:
+        p = make_policy(name, 3)
+        p.access([0, 1, 2])
+        out = p.access([2, 3, 4])
+        assert out.hits == 1 and out.misses == [3, 4] and sorted(out.evicted) == [0, 1]
+        assert p.resident == {2, 3, 4}
+        with pytest.raises(ValueError, match="room for 3"):
+            p.access([5, 6, 7, 8])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_no_policy_beats_belady(seed: int) -> None:
+    rng = random.Random(seed)
+    hot = [rng.randrange(16) for _ in range(4)]
+    passes = [rng.sample(hot, 2) if rng.random() < 0.6 else rng.sample(range(16), 2) for _ in range(300)]
+    for capacity in (2, 4, 8):
+        best = belady_hit_rate(passes, capacity)
+        for name in POLICIES:
+            assert hit_rate(passes, make_policy(name, capacity)) <= best + 1e-12
+    assert belady_hit_rate(passes, 16) == pytest.approx(1 - 16 / 600, abs=0.03)  # only first uses miss
+
+
+def test_unknown_policy_and_empty_cache_are_refused() -> None:
+    with pytest.raises(ValueError, match="lru, lfu, decay"):
+        make_policy("fifo", 2)
+    with pytest.raises(ValueError, match="at least one"):
+        LRU(0)
