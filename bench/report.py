@@ -247,7 +247,7 @@ def concurrency(result: dict[str, Any], source: str) -> str:
         f"4 streams decoding, then a {prompt:,}-token prompt; p99 of the streams' inter-token gaps before it "
         "arrives vs of the gaps overlapping its prefill (medians over trials). Gaps are between chunks that "
         "carry text, as a user sees them: a token with no text of its own (part of a multi-byte character) "
-        "joins two gaps, on both servers alike. Ours is `{result['method']['ours']}`; "
+        f"joins two gaps, on both servers alike. Ours is `{result['method']['ours']}` with its defaults; "
         "mlx_lm.server runs with its defaults. "
         f"{_machine(result['machine'])}; {result.get('started', '')}. "
         f"Source: `{source}`, made by `{_command(result)}`.",

@@ -2,6 +2,7 @@
 
   mlx-flash [serve] [--model M] [--workers N] [--host H] [--port P] ...   the server (default)
   mlx-flash worker [--model M] [--port P] ...                              one worker, no sidecar
+  mlx-flash experts replay TRACE [--capacity 0.25,0.5]                     expert cache policies on a trace
 
 `serve` runs the Rust sidecar in this process (`mlx-flash serve --help` lists its flags); it starts
 and supervises the workers itself. Worker flags about models, memory and caches (`mlx-flash worker
@@ -63,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "worker":
         return worker.main(argv[1:], prog="mlx-flash worker")
+    if command == "experts":
+        from mlx_flash.experts import trace
+
+        return trace.main(argv[1:])
     return serve(argv[1:] if command == "serve" else argv)
 
 

@@ -35,6 +35,7 @@ class WorkerConfig:
     quantized_kv_start: int = 5000
     prefill_step: int = DEFAULT_PREFILL_STEP
     prefill_budget: float = DEFAULT_PREFILL_BUDGET
+    expert_trace: str | None = None  # append the experts each token uses to this file (JSON lines)
     worker_id: str | None = None
     local_workers: int = 1
     host: str = "127.0.0.1"

@@ -331,6 +331,12 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--prefill-step tokens (fastest prefill, streams stall)",
     )
     p.add_argument(
+        "--expert-trace",
+        metavar="FILE",
+        help="append the experts each token uses in each MoE layer to FILE (JSON lines; slows generation); "
+        "`mlx-flash experts replay FILE` compares cache policies on it",
+    )
+    p.add_argument(
         "--prefix-cache-bytes",
         type=_bytes,
         default=_bytes(env_default("PREFIX_CACHE_BYTES", str(DEFAULT_PREFIX_CACHE_BYTES)) or "0"),
@@ -394,6 +400,7 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
         quantized_kv_start=args.quantized_kv_start,
         prefill_step=args.prefill_step,
         prefill_budget=args.prefill_budget,
+        expert_trace=args.expert_trace,
         host=args.host,
         port=args.port,
         uds=args.uds,

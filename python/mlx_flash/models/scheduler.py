@@ -38,6 +38,7 @@ from mlx_flash.engine.disk_cache import DiskCache, model_key
 from mlx_flash.engine.engine import Engine, KvQuantization, RequestHandle
 from mlx_flash.engine.prefix_cache import PrefixCache
 from mlx_flash.engine.request import GenerationRequest
+from mlx_flash.experts import trace
 from mlx_flash.models.loader import LoadedModel, head_dim, load_model, resolve, weight_file_bytes
 from mlx_flash.models.registry import Known, Registry
 
@@ -400,6 +401,10 @@ def _release(engines: list[Engine]) -> None:
 def _open(entry: Entry, path: Path, config: WorkerConfig, prefix_cache: Any) -> Engine:
     """Load a model and start its engine (on a thread: both read files)."""
     loaded = load_model(entry.id, path, lambda done, total: setattr(entry, "progress", (done, total)))
+    if config.expert_trace:
+        # Line-buffered appends, one JSON line per layer pass; open while the process lives.
+        traced = trace.record(loaded.model, loaded.id, open(config.expert_trace, "a", buffering=1))  # noqa: SIM115
+        log.info("tracing experts", extra={"model": loaded.id, "layers": traced, "file": config.expert_trace})
     q = None
     if config.kv_bits is not None:
         q = KvQuantization(config.kv_bits, config.kv_group_size, config.quantized_kv_start)
