@@ -1,7 +1,7 @@
 """Concurrent streams against `mlx_lm.server`: aggregate decode speed at 1-8 streams, and head-of-line
 blocking of running streams by a long prompt.
 
-    python bench/concurrency.py            # levels 1,2,4,8 x 3 rounds, 2 head-of-line trials (~14 min)
+    python bench/concurrency.py            # levels 1,2,4,8 x 3 rounds, 2 head-of-line trials (~40 min here)
     python bench/concurrency.py --quick    # a smoke run on a tiny model (~1 min), written to results/quick/
 
 Both servers run at once on the same random-weight model, built here (`--dense-*` flags, as

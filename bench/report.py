@@ -13,12 +13,16 @@ import argparse
 import json
 import re
 import shlex
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+HOL_STREAMS = 4  # bench/concurrency.py's head-of-line streams
 
 
 def _ms(seconds: float) -> str:
@@ -218,9 +222,14 @@ def concurrency(result: dict[str, Any], source: str) -> str:
         f"{prompt:,}-token prefill | during / idle | longest stall | long prompt's TTFT |",
         "|---|---:|---:|---:|---:|---:|",
     ]
+    grew = {}
     for key, name in (("ours", "ours"), ("mlx_lm", "mlx_lm.server")):
         h = hol[key]
         stall = max(float(r["during_prefill_ms"]["max"]) for r in hol["trials"][key]) / 1e3
+        # Tokens each stream generated while the long prompt was read: its context grew by that much.
+        grew[name] = statistics.median(
+            r["during_prefill_ms"]["count"] / HOL_STREAMS for r in hol["trials"][key]
+        )
         rows.append(
             f"| {name} | {_time(h['median_idle_p99_ms'] / 1e3)} | {_time(h['median_during_p99_ms'] / 1e3)} "
             f"| {h['median_p99_ratio']:.1f}× | {stall:.1f} s | {h['median_long_ttft_s']:.1f} s |"
@@ -234,7 +243,10 @@ def concurrency(result: dict[str, Any], source: str) -> str:
         f"ours@{sc['to']} / ours@{sc['from']} ≥ 3× — {sc['ours']:.2f}× (mlx_lm.server {sc['mlx_lm']:.2f}×, "
         f"the engine alone {sc['engine_in_process']:.2f}×): {_met(t['scaling'])}; "
         f"inter-token p99 during the long prefill ≤ 2× idle — {t['head_of_line']['value']:.1f}×: "
-        f"{_met(t['head_of_line'])}; greedy output identical to solo `mlx_lm.stream_generate`: "
+        f"{_met(t['head_of_line'])} (while it is read, each of ours' streams keeps going and generates about "
+        f"{grew['ours']:,.0f} tokens, so its own decode steps slow as its context grows; mlx_lm.server's "
+        f"streams wait: {grew['mlx_lm.server']:,.0f}); greedy output identical to solo "
+        "`mlx_lm.stream_generate`: "
         f"{_met(t['parity'])} (mlx_lm.server streams that departed from it: {s['mlx_lm_streams_off_solo']}).",
         "",
         f"Model: random-weight {_about(result['model'])}{_matmul(result)}. "
@@ -347,7 +359,8 @@ def routing(result: dict[str, Any], source: str) -> str:
         f"Targets, read at {_mib(first['prefix_cache_bytes'])} per worker: cache_aware reuse ≥ 3× "
         f"round_robin — {t['over_round_robin']['value']:.2f}×: {_met(t['over_round_robin'])}; ≥ 0.9× a "
         f"single worker — {t['over_single']['value']:.2f}×: {_met(t['over_single'])}. "
-        + "; ".join(notes).capitalize()
+        + "; ".join(notes)[:1].upper()
+        + "; ".join(notes)[1:]
         + ". When a worker's cache holds every session, round_robin still finds most of each history on "
         "whichever worker saw the session last; when it holds about half, only cache_aware keeps each "
         "session's history where the next turn goes.",

@@ -1,7 +1,7 @@
 """Routing policies and the prefix cache: prompt tokens reused over a multi-session, multi-turn trace
 sent through the sidecar, for cache_aware and round_robin over 2 workers, and for a single worker.
 
-    python bench/routing.py            # 16 sessions x 8 turns, 3 rounds of the 3 set-ups, 2 budgets (~6 min)
+    python bench/routing.py            # 16 sessions x 8 turns, 3 rounds of the 3 set-ups, 3 budgets (~10 min)
     python bench/routing.py --quick    # 4 sessions x 3 turns, 1 round, written to results/quick/
 
 Each set-up is a fresh `mlx-flash serve` (`--workers 2 --policy cache_aware`, `--workers 2 --policy
@@ -9,7 +9,8 @@ round_robin`, `--workers 1`; --workers changes the 2) on the embedded demo model
 rates, not speed). Every set-up runs once per RAM prefix-cache budget in --prefix-cache-bytes
 (MLX_FLASH_PREFIX_CACHE_BYTES): per worker for the 2-worker set-ups, and the workers' total for the single
 worker, so all three hold the same cache memory. The default budgets are one a worker's share of the trace
-overflows (16M: about half the sessions' histories fit in one worker) and one the trace never fills (1G).
+overflow (4M and 10M: less than a worker needs to hold every session's history, which round_robin asks of
+each worker) and one the trace never fills (1G).
 The trace: --sessions chat sessions of --turns turns; each turn resends the session's
 whole history plus a new user message (echo and arithmetic requests in the demo model's repertoire, a system
 prompt in some sessions), as chat clients do. Sessions run at once, each waiting a seeded random think time
@@ -279,7 +280,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="traces, each run on every set-up")
     p.add_argument(
         "--prefix-cache-bytes",
-        default="16M,1G",
+        default="4M,10M,1G",
         help="RAM prefix-cache budgets per worker, comma-separated; each is a full run, the first is the "
         "one the targets are read at",
     )
