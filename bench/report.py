@@ -378,6 +378,29 @@ def routing(result: dict[str, Any], source: str) -> str:
     return "\n".join(rows)
 
 
+def expert_policy(result: dict[str, Any], source: str) -> str:
+    tr, t = result["trace"], result["summary"]["targets"]["within_5_points"]
+    rows = [
+        "| experts cached per layer | LRU | LFU | decay | Belady (optimum) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in result["replay"]:
+        rows.append(
+            f"| {r['capacity']} of {tr['experts_per_layer']} | {r['lru']:.1%} | {r['lfu']:.1%} "
+            f"| {r['decay']:.1%} | {r['belady']:.1%} |"
+        )
+    rows += [
+        "",
+        f"Target: {t['target']} — best {t['value']}: {_met(t)}. Hit rates over the demo model's routing "
+        f"({tr['layers']} MoE layers, {tr['experts_per_layer']} experts, top-{tr['experts_per_token']}; "
+        f"{tr['tokens']:,} tokens of {result['settings']['conversations']} served conversations, recorded "
+        "with `--expert-trace`), replayed per token. With 2 slots and top-2 routing every policy is forced. "
+        f"{_machine(result['machine'])}; {result.get('started', '')}. "
+        f"Source: `{source}`, made by `{_command(result)}`.",
+    ]
+    return "\n".join(rows)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any], str], str]] = {
     "single_stream": single_stream,
     "demo_skills": demo_skills,
@@ -385,6 +408,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any], str], str]] = {
     "concurrency": concurrency,
     "multi_turn": multi_turn,
     "routing": routing,
+    "expert_policy": expert_policy,
 }
 
 
