@@ -142,6 +142,12 @@ class ExpertStore:
         out = mx.array(buf)
         return out.view(mx_dtype) if out.dtype != mx_dtype else out
 
+    def __enter__(self) -> ExpertStore:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         for fd in self._fds.values():

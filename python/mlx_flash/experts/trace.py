@@ -9,6 +9,7 @@ forward pass of a MoE layer, one list per token of the pass, in the order they r
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,18 +76,18 @@ def read(path: Path, model: str | None = None) -> dict[int, list[list[int]]]:
 
 def replay(trace: dict[int, list[list[int]]], capacity: int) -> dict[str, float]:
     """Hit rate of each policy and of Belady's optimum at `capacity` experts per layer, over all layers."""
+    uses = {layer: sum(len(set(t)) for t in tokens) for layer, tokens in trace.items()}
+    total = sum(uses.values())
     rates: dict[str, float] = {}
-    uses = sum(len(set(t)) for tokens in trace.values() for t in tokens)
     for name in (*POLICIES, "belady"):
-        hits = 0.0
-        for tokens in trace.values():
-            n = sum(len(set(t)) for t in tokens)
+        hits = 0.0  # each layer's hit rate weighted by its expert uses
+        for layer, tokens in trace.items():
             if name == "belady":
                 rate = belady_hit_rate(tokens, capacity)
             else:
                 rate = hit_rate(tokens, make_policy(name, capacity))
-            hits += rate * n
-        rates[name] = hits / uses if uses else 1.0
+            hits += rate * uses[layer]
+        rates[name] = hits / total if total else 1.0
     return rates
 
 
@@ -112,8 +113,6 @@ def capacities(text: str, experts: int) -> list[int]:
 
 
 def main(argv: list[str]) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(prog="mlx-flash experts", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("replay", help="hit rate of each cache policy and Belady's optimum on a trace")
