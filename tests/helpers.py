@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_flash.demo import DEMO_MODEL_PATH
@@ -49,7 +50,37 @@ ARCHS: dict[str, dict[str, Any]] = {
         "norm_topk_prob": True,
     },
     "mixtral": {"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {
+        "model_type": "qwen2_moe",
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 64,
+    },
+    "deepseek_v3": {
+        "model_type": "deepseek_v3",
+        "num_key_value_heads": 4,
+        "n_routed_experts": 8,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "kv_lora_rank": 32,
+        "q_lora_rank": 32,
+        "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 32,
+        "v_head_dim": 32,
+        "n_group": 1,
+        "topk_group": 1,
+    },
+    "gpt_oss": {
+        "model_type": "gpt_oss",
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "head_dim": 16,
+        "sliding_window": 128,
+    },
 }
+MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss")
 # A template variable only chat_template_kwargs can set: proves the kwargs reach the template.
 KWARG_TEMPLATE_SUFFIX = "{%- if note is defined %}{{- note }}{%- endif %}"
 
@@ -71,6 +102,21 @@ def build_model(arch: str, path: Path, seed: int = 0, dtype: mx.Dtype = mx.float
     model.update(_scaled(model.parameters(), 4.0))
     model.set_dtype(dtype)
     mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def quantize_checkpoint(path: Path, bits: int = 4, group_size: int = 32) -> Path:
+    """Rewrite the model at `path` as mlx-community checkpoints are: `bits`-bit weights with bf16
+    scales and biases, the rest bf16."""
+    from mlx_lm.utils import load
+
+    model, _ = load(str(path))
+    model.set_dtype(mx.bfloat16)
+    nn.quantize(model, group_size=group_size, bits=bits)
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    config = json.loads((path / "config.json").read_text())
+    config["quantization"] = {"group_size": group_size, "bits": bits}
     (path / "config.json").write_text(json.dumps(config))
     return path
 

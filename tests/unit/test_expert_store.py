@@ -37,9 +37,9 @@ def test_reads_each_expert_as_mlx_lm_loads_it(tmp_path: Path, quantized: bool) -
     params = dict(tree_flatten(model.parameters()))
     assert names and (not quantized or any(params[n].dtype == mx.bfloat16 for n in names))
     with ExpertStore(path, names) as store:
+        read = store.read(names, [5, 0, 7])
         for name in names:
-            got = store.read(name, [5, 0, 7])
-            want = params[name][mx.array([5, 0, 7])]
+            got, want = read[name], params[name][mx.array([5, 0, 7])]
             assert got.dtype == want.dtype and got.shape == want.shape
             assert mx.array_equal(got, want).item(), name
         assert store.bytes_read == 3 * store.expert_bytes()
@@ -50,14 +50,14 @@ def test_every_dtype_keeps_its_bits(tmp_path: Path, dtype: mx.Dtype) -> None:
     x = (mx.random.normal((4, 3, 8)) * 1000).astype(dtype)
     mx.save_safetensors(str(tmp_path / "a.safetensors"), {"experts.w": x})
     with ExpertStore(tmp_path, ["experts.w"]) as store:
-        assert mx.array_equal(store.read("experts.w", [3, 1]), x[mx.array([3, 1])]).item()
+        assert mx.array_equal(store.read(["experts.w"], [3, 1])["experts.w"], x[mx.array([3, 1])]).item()
 
 
 def test_an_expert_larger_than_one_read_is_split_and_reassembled(tmp_path: Path) -> None:
     x = mx.random.normal((2, MAX_READ // 4 + 17))  # float32: one expert spans two reads
     mx.save_safetensors(str(tmp_path / "a.safetensors"), {"w": x})
     with ExpertStore(tmp_path, ["w"]) as store:
-        assert mx.array_equal(store.read("w", [1, 0]), x[mx.array([1, 0])]).item()
+        assert mx.array_equal(store.read(["w"], [1, 0])["w"], x[mx.array([1, 0])]).item()
 
 
 def test_bad_files_and_names_are_refused_clearly(tmp_path: Path) -> None:
@@ -68,11 +68,11 @@ def test_bad_files_and_names_are_refused_clearly(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="past the end"):
         read_index(tmp_path / "short.safetensors")
     (tmp_path / "short.safetensors").unlink()
-    mx.save_safetensors(str(tmp_path / "a.safetensors"), {"w": mx.zeros((3, 2)), "v": mx.zeros((5,))})
+    mx.save_safetensors(str(tmp_path / "a.safetensors"), {"w": mx.zeros((3, 2)), "s": mx.zeros(())})
     with pytest.raises(KeyError, match="nope"):
         ExpertStore(tmp_path, ["nope"])
     with pytest.raises(ValueError, match="not stacked"):
-        ExpertStore(tmp_path, ["v"])
+        ExpertStore(tmp_path, ["s"])
     with ExpertStore(tmp_path, ["w"]) as store:
         with pytest.raises(IndexError, match="3 experts"):
-            store.read("w", [3])
+            store.read(["w"], [3])

@@ -4,6 +4,9 @@ A policy tracks one layer's resident experts. `access(needed)` is called once pe
 layer with the experts its tokens use; it returns the experts that missed and, to make room for them,
 the experts evicted. Experts needed by the current pass are never evicted for each other: a pass needing
 more experts than the capacity is the caller's to split.
+
+A bulk pass (a prompt chunk: many tokens touching most experts) must not flush the working set of
+decoding: its hits leave the policy's order unchanged and its misses enter as the first to be evicted.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ class Policy:
         self.capacity = capacity
         self.resident: set[int] = set()
 
-    def access(self, needed: Iterable[int]) -> Outcome:
+    def access(self, needed: Iterable[int], bulk: bool = False) -> Outcome:
         want = list(dict.fromkeys(needed))
         if len(want) > self.capacity:
             raise ValueError(f"{len(want)} experts needed at once, room for {self.capacity}")
@@ -51,14 +54,33 @@ class Policy:
                 self._forget(victim)
                 out.evicted.append(victim)
             self.resident.add(e)
-        self._touch(want)
+        if bulk:
+            self._insert_cold(out.misses)
+        else:
+            self._touch(want)
         return out
+
+    def resize(self, capacity: int) -> list[int]:
+        """Change the capacity; the experts evicted to fit it."""
+        if capacity < 1:
+            raise ValueError("an expert cache needs room for at least one expert")
+        self.capacity = capacity
+        evicted = []
+        while len(self.resident) > capacity:
+            victim = self._victim(self.resident)
+            self.resident.discard(victim)
+            self._forget(victim)
+            evicted.append(victim)
+        return evicted
 
     def _victim(self, candidates: set[int]) -> int:
         raise NotImplementedError
 
     def _touch(self, experts: Sequence[int]) -> None:
         raise NotImplementedError
+
+    def _insert_cold(self, experts: Sequence[int]) -> None:
+        """Experts entered for a bulk pass: next in line for eviction."""
 
     def _forget(self, expert: int) -> None:
         """An expert left the cache."""
@@ -74,7 +96,15 @@ class LRU(Policy):
             self._order[e] = None
             self._order.move_to_end(e)
 
+    def _insert_cold(self, experts: Sequence[int]) -> None:
+        for e in experts:
+            self._order[e] = None
+            self._order.move_to_end(e, last=False)
+
     def _victim(self, candidates: set[int]) -> int:
+        never_used = candidates - self._order.keys()
+        if never_used:
+            return min(never_used)
         return next(e for e in self._order if e in candidates)
 
     def _forget(self, expert: int) -> None:

@@ -18,23 +18,15 @@ from typing import IO, Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
 from mlx_flash.experts.policy import POLICIES, belady_hit_rate, hit_rate, make_policy
-
-
-def moe_layers(model: Any) -> list[tuple[Any, str, Any]]:
-    """(parent, attribute, switch module) for each mlx-lm expert layer, in model order."""
-    found = []
-    for _, parent in model.named_modules():
-        for name, child in parent.children().items():
-            if isinstance(child, SwitchGLU | SwitchMLP):
-                found.append((parent, name, child))
-    return found
+from mlx_flash.experts.pool import moe_layers
 
 
 class _Traced(nn.Module):  # type: ignore[misc,name-defined]  # mlx.nn has no type information
     """Stands in for a SwitchGLU/SwitchMLP: notes the experts each token uses, then runs it."""
+
+    stands_in = True
 
     def __init__(self, inner: Any, model: str, layer: int, out: IO[str]) -> None:
         super().__init__()

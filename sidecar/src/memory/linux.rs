@@ -96,6 +96,30 @@ pub fn parse_cgroup_limit(contents: &str, mem_total_bytes: u64) -> Result<Option
     Ok((limit < CGROUP_V1_UNLIMITED && limit <= mem_total_bytes).then_some(limit))
 }
 
+/// Inactive file cache from a cgroup `memory.stat`: `total_inactive_file`
+/// (hierarchical, v1; falling back to `inactive_file`) or `inactive_file` (v2).
+///
+/// The kernel reclaims this first, so subtracting it from usage gives the
+/// working set, as docker and kubernetes report it. `None` if the key is
+/// missing or malformed.
+pub fn parse_inactive_file(contents: &str, v1: bool) -> Option<u64> {
+    let field = |name: &str| {
+        contents.lines().find_map(|line| {
+            let (key, value) = line.split_once(' ')?;
+            if key == name {
+                value.trim().parse().ok()
+            } else {
+                None
+            }
+        })
+    };
+    if v1 {
+        field("total_inactive_file").or_else(|| field("inactive_file"))
+    } else {
+        field("inactive_file")
+    }
+}
+
 /// Parse `/proc/pressure/memory`, returning the `some` and `full` avg10 values.
 pub fn parse_psi(contents: &str) -> Result<Psi, Error> {
     let avg10 = |kind: &str| -> Result<f64, Error> {
@@ -153,21 +177,24 @@ fn cgroup_dir(mount: &str, path: &str) -> PathBuf {
     }
 }
 
-/// Limit and usage of the process's own memory cgroup, if it has a limit.
+/// Limit and working set (usage minus inactive file cache) of the process's
+/// own memory cgroup, if it has a limit.
 fn read_cgroup(mem_total_bytes: u64) -> Result<Option<CgroupMemory>, Error> {
     let Some(self_cgroup) = read_if_exists(Path::new(SELF_CGROUP))? else {
         return Ok(None);
     };
-    let (dir, limit_file, usage_file) = match parse_self_cgroup(&self_cgroup) {
+    let (dir, limit_file, usage_file, v1) = match parse_self_cgroup(&self_cgroup) {
         Some(CgroupPath::V1(path)) => (
             cgroup_dir(CGROUP_V1_MEMORY_MOUNT, path),
             "memory.limit_in_bytes",
             "memory.usage_in_bytes",
+            true,
         ),
         Some(CgroupPath::V2(path)) => (
             cgroup_dir(CGROUP_V2_MOUNT, path),
             "memory.max",
             "memory.current",
+            false,
         ),
         None => return Ok(None),
     };
@@ -178,6 +205,10 @@ fn read_cgroup(mem_total_bytes: u64) -> Result<Option<CgroupMemory>, Error> {
         return Ok(None);
     };
     let usage_bytes = parse_u64("cgroup memory usage", &read(&dir.join(usage_file))?)?;
+    let inactive_file = read_if_exists(&dir.join("memory.stat"))?
+        .and_then(|stat| parse_inactive_file(&stat, v1))
+        .unwrap_or(0);
+    let usage_bytes = usage_bytes.saturating_sub(inactive_file);
     Ok(Some(CgroupMemory {
         limit_bytes,
         usage_bytes,
@@ -292,6 +323,58 @@ Hugepagesize:       2048 kB
         );
         assert_eq!(parse_cgroup_limit("34359738368", host).ok(), Some(None));
         assert!(parse_cgroup_limit("lots", host).is_err());
+    }
+
+    const CGROUP_V1_STAT_SAMPLE: &str = "\
+cache 1073741824
+rss 104857600
+inactive_file 536870912
+active_file 268435456
+hierarchical_memory_limit 2147483648
+total_cache 1610612736
+total_rss 209715200
+total_inactive_file 805306368
+total_active_file 402653184
+";
+
+    const CGROUP_V2_STAT_SAMPLE: &str = "\
+anon 104857600
+file 1073741824
+inactive_anon 0
+active_anon 104857600
+inactive_file 805306368
+active_file 268435456
+workingset_refault_file 0
+";
+
+    #[test]
+    fn cgroup_inactive_file_v1() {
+        assert_eq!(
+            parse_inactive_file(CGROUP_V1_STAT_SAMPLE, true),
+            Some(805_306_368)
+        );
+        let local_only = CGROUP_V1_STAT_SAMPLE.replace("total_inactive_file", "total_nope");
+        assert_eq!(parse_inactive_file(&local_only, true), Some(536_870_912));
+    }
+
+    #[test]
+    fn cgroup_inactive_file_v2() {
+        assert_eq!(
+            parse_inactive_file(CGROUP_V2_STAT_SAMPLE, false),
+            Some(805_306_368)
+        );
+        // v2 has no total_ prefix: a stray total_inactive_file is not used.
+        assert_eq!(
+            parse_inactive_file("total_inactive_file 1\ninactive_file 2\n", false),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn cgroup_inactive_file_missing_or_bad() {
+        assert_eq!(parse_inactive_file("", true), None);
+        assert_eq!(parse_inactive_file("anon 1\nactive_file 2\n", false), None);
+        assert_eq!(parse_inactive_file("inactive_file lots\n", false), None);
     }
 
     #[test]

@@ -116,7 +116,8 @@ pub fn worst(a: Pressure, b: Pressure) -> Pressure {
 pub struct CgroupMemory {
     /// Hard limit in bytes.
     pub limit_bytes: u64,
-    /// Current usage in bytes (includes page cache, so it overestimates real use).
+    /// Working set in bytes: usage minus inactive file cache (as docker and
+    /// kubernetes compute it), since the kernel reclaims that cache first.
     pub usage_bytes: u64,
 }
 

@@ -1,0 +1,228 @@
+"""A MoE layer whose experts live on disk: a pool of slots in memory, an expert -> slot lookup, and the
+layer that feeds the lookup to mlx-lm's own SwitchGLU/SwitchMLP, so `gather_qmm`/`gather_mm` run on the
+slots.
+
+Each per-expert tensor of the layer (weights, quantization scales and biases, linear biases) is held
+as a slot array of shape (capacity, ...). Before the layer runs, its router's choice is read, the
+experts it needs and lacks are loaded (a miss blocks: the pass never runs with a missing expert), and
+the expert indices are mapped to slots. A pass needing more experts than there are slots runs in
+groups of at most `capacity` experts, resident ones first, and each (token, expert) result is taken
+from its group: the output is exactly the resident model's.
+
+With every expert resident in order (`full`), the layer is mlx-lm's, untouched: no lookup, no wait.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
+
+from mlx_flash.experts.policy import make_policy
+from mlx_flash.experts.store import ExpertStore
+
+# The per-expert arrays of SwitchLinear / QuantizedSwitchLinear (mlx-lm names).
+EXPERT_ARRAYS = ("weight", "scales", "biases", "bias", "global_scale")
+
+
+@dataclass
+class Counters:
+    """What one model's pools did, summed over layers."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes_read: int = 0
+    read_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ExpertArray:
+    """One per-expert array of a layer: the module holding it, its attribute, its tensor on disk."""
+
+    module: Any
+    attribute: str
+    tensor: str
+
+
+def moe_layers(model: Any) -> list[tuple[Any, str, Any]]:
+    """(parent, attribute, expert module) for each mlx-lm expert layer, in model order: the
+    SwitchGLU/SwitchMLP itself, or what already stands in for it."""
+    found = []
+    for _, parent in model.named_modules():
+        if isinstance(parent, StreamedExperts) or getattr(parent, "stands_in", False):
+            continue
+        for name, child in parent.children().items():
+            if isinstance(child, SwitchGLU | SwitchMLP) or getattr(child, "stands_in", False):
+                found.append((parent, name, child))
+    return found
+
+
+def expert_arrays(path: str, switch: Any) -> list[ExpertArray]:
+    """The per-expert arrays of a SwitchGLU/SwitchMLP at `path` in the model, named as saved."""
+    out = []
+    for name, linear in switch.children().items():
+        if isinstance(linear, nn.Module):  # type: ignore[attr-defined]
+            for attr in EXPERT_ARRAYS:
+                if isinstance(linear.get(attr), mx.array):
+                    out.append(ExpertArray(linear, attr, f"{path}.{name}.{attr}"))
+    return out
+
+
+class ExpertPool:
+    """One MoE layer's experts in memory: `capacity` slots, which expert is in which, and the policy
+    choosing what to evict. Every method runs under the model's `lock`."""
+
+    def __init__(
+        self,
+        arrays: list[ExpertArray],
+        store: ExpertStore,
+        policy: str,
+        counters: Counters,
+        lock: threading.RLock,
+    ) -> None:
+        self.arrays = arrays
+        self.store = store
+        self.counters = counters
+        self.lock = lock
+        self.num_experts = store.tensors[arrays[0].tensor].num_experts
+        self.expert_bytes = store.expert_bytes([a.tensor for a in arrays])
+        self.policy_name = policy
+        self.policy = make_policy(policy, self.num_experts)
+        self.policy.resident = set(range(self.num_experts))
+        # Every expert, in order, in the arrays mlx-lm loaded.
+        self.full = True
+        self.capacity = self.num_experts
+        self.slot_of = np.arange(self.num_experts, dtype=np.int32)
+        self.free: list[int] = []
+        self.lookup = mx.array(self.slot_of)
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.capacity * self.expert_bytes
+
+    def run(self, inner: Any, x: mx.array, indices: mx.array) -> mx.array:
+        """The layer's output for `x` routed to `indices`, loading what is missing first."""
+        ids = np.array(indices)  # waits for the router: which experts this pass needs
+        needed = [int(e) for e in np.unique(ids)]
+        bulk = x.ndim >= 2 and x.shape[-2] > 1  # a prompt chunk, not a decode step
+        if len(needed) <= self.capacity:
+            self._load(needed, bulk)
+            return inner(x, self.lookup[indices])  # type: ignore[no-any-return]
+        order = sorted(needed, key=lambda e: self.slot_of[e] < 0)  # resident first
+        out: mx.array | None = None
+        for i in range(0, len(order), self.capacity):
+            group = order[i : i + self.capacity]
+            self._load(group, bulk)
+            mask = mx.array(np.isin(ids, group))
+            y = inner(x, mx.where(mask, self.lookup[indices], 0))
+            out = y if out is None else mx.where(mask[..., None], y, out)
+            mx.eval(out)  # before the next group overwrites slots this one reads
+        assert out is not None
+        return out
+
+    def _load(self, experts: list[int], bulk: bool) -> None:
+        outcome = self.policy.access(experts, bulk)
+        c = self.counters
+        c.hits += outcome.hits
+        c.misses += len(outcome.misses)
+        c.evictions += len(outcome.evicted)
+        for victim in outcome.evicted:
+            self.free.append(int(self.slot_of[victim]))
+            self.slot_of[victim] = -1
+        if not outcome.misses:
+            return
+        slots = [self.free.pop() for _ in outcome.misses]
+        started = time.perf_counter()
+        data = self.store.read([a.tensor for a in self.arrays], outcome.misses)
+        c.read_seconds += time.perf_counter() - started
+        c.bytes_read += len(outcome.misses) * self.expert_bytes
+        where = mx.array(slots)
+        for a in self.arrays:
+            a.module[a.attribute][where] = data[a.tensor]
+        mx.eval([a.module[a.attribute] for a in self.arrays])
+        self.slot_of[outcome.misses] = slots
+        self.lookup = mx.array(self.slot_of)
+
+    def start_empty(self, capacity: int) -> None:
+        """Hold `capacity` empty slots instead of the arrays mlx-lm made, which are never read."""
+        for a in self.arrays:
+            old = a.module[a.attribute]
+            a.module[a.attribute] = mx.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
+        self.policy = make_policy(self.policy_name, capacity)
+        self.full, self.capacity = False, capacity
+        self.slot_of = np.full(self.num_experts, -1, dtype=np.int32)
+        self.free = list(range(capacity - 1, -1, -1))
+        self.lookup = mx.array(self.slot_of)
+
+    def resize(self, capacity: int) -> None:
+        """Hold `capacity` experts from now on (all of them: back to mlx-lm's own layout). Output never
+        changes; what is dropped is read again when needed."""
+        capacity = max(1, min(capacity, self.num_experts))
+        if capacity == self.capacity and not (capacity == self.num_experts and not self.full):
+            return
+        if capacity == self.num_experts:
+            self._become_full()
+            return
+        self.policy.resize(capacity)
+        keep = sorted(self.policy.resident)
+        keep_slots = mx.array(self.slot_of[keep]) if keep else None
+        grow = capacity - len(keep)
+        for a in self.arrays:
+            old = a.module[a.attribute]
+            kept = old[keep_slots] if keep_slots is not None else old[:0]
+            pad = mx.zeros((grow, *old.shape[1:]), dtype=old.dtype)
+            a.module[a.attribute] = mx.concatenate([kept, pad]) if grow else kept
+            mx.eval(a.module[a.attribute])  # one array at a time: the old one goes before the next
+            del old, kept
+        self.slot_of[:] = -1
+        self.slot_of[keep] = np.arange(len(keep), dtype=np.int32)
+        self.free = list(range(capacity - 1, len(keep) - 1, -1))
+        self.full, self.capacity = False, capacity
+        self.lookup = mx.array(self.slot_of)
+
+    def _become_full(self) -> None:
+        missing = [e for e in range(self.num_experts) if self.slot_of[e] < 0]
+        started = time.perf_counter()
+        data = self.store.read([a.tensor for a in self.arrays], missing) if missing else {}
+        self.counters.read_seconds += time.perf_counter() - started
+        self.counters.bytes_read += len(missing) * self.expert_bytes
+        order = np.zeros(self.num_experts, dtype=np.int32)  # expert e's row in [slots; missing]
+        resident = [e for e in range(self.num_experts) if self.slot_of[e] >= 0]
+        order[resident] = self.slot_of[resident]
+        order[missing] = self.capacity + np.arange(len(missing), dtype=np.int32)
+        for a in self.arrays:
+            old = a.module[a.attribute]
+            rows = mx.concatenate([old, data[a.tensor]]) if missing else old
+            a.module[a.attribute] = rows[mx.array(order)]
+            mx.eval(a.module[a.attribute])
+            del old, rows
+        self.policy.resize(self.num_experts)
+        self.policy.resident = set(range(self.num_experts))
+        self.full, self.capacity, self.free = True, self.num_experts, []
+        self.slot_of = np.arange(self.num_experts, dtype=np.int32)
+        self.lookup = mx.array(self.slot_of)
+
+
+class StreamedExperts(nn.Module):  # type: ignore[misc,name-defined]  # mlx.nn has no type information
+    """Stands in for a SwitchGLU/SwitchMLP whose experts are held by an `ExpertPool`."""
+
+    stands_in = True
+
+    def __init__(self, inner: Any, pool: ExpertPool) -> None:
+        super().__init__()
+        self.inner = inner
+        self._pool = pool
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        pool = self._pool
+        with pool.lock:
+            if pool.full:
+                return self.inner(x, indices)  # type: ignore[no-any-return]
+            return pool.run(self.inner, x, indices)

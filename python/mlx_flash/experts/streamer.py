@@ -1,0 +1,177 @@
+"""A MoE model's experts streamed from its safetensors files: one `ExpertPool` per layer, one store,
+one budget that follows memory pressure.
+
+    streamer = ExpertStreamer(model, model_dir, policy="lru")   # before the model's weights are read
+    streamer.set_budget(8 << 30)      # experts of every layer within 8 GB (all of them: resident)
+    streamer.follow(budget)           # shrink under memory pressure, grow back when it passes
+
+The non-expert weights stay resident. Every layer holds the same number of experts, so the budget is a
+number of experts per layer: `budget // bytes of one expert in every layer`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import weakref
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from mlx_flash import memory
+from mlx_flash.experts.pool import Counters, ExpertPool, StreamedExperts, expert_arrays, moe_layers
+from mlx_flash.experts.store import DTYPES, ExpertStore
+
+log = logging.getLogger(__name__)
+
+# How often the memory monitor is read while following pressure.
+FOLLOW_INTERVAL = 0.25
+# Below this share of memory free the pools shrink until it is free again (the monitor says
+# "warning" at 15%); above the second they grow back toward the budget.
+SHRINK_BELOW_FREE = 0.20
+GROW_ABOVE_FREE = 0.30
+
+# Every streamer alive, for the metrics collector.
+STREAMERS: weakref.WeakSet[ExpertStreamer] = weakref.WeakSet()
+
+
+class ExpertStreamer:
+    def __init__(
+        self, model: Any, model_dir: Path, model_id: str, policy: str = "lru", threads: int = 8
+    ) -> None:
+        self.model_id = model_id
+        self.policy = policy
+        self.lock = threading.RLock()
+        self.counters = Counters()
+        paths = {id(m): p for p, m in model.named_modules()}
+        layers = moe_layers(model)
+        if not layers:
+            raise ValueError(f"{model_id} has no mlx-lm expert layers (SwitchGLU/SwitchMLP) to stream")
+        arrays = [expert_arrays(paths[id(switch)], switch) for _, _, switch in layers]
+        self.store = ExpertStore(model_dir, [a.tensor for layer in arrays for a in layer], threads)
+        for a in (a for layer in arrays for a in layer):
+            t = self.store.tensors[a.tensor]
+            have = a.module[a.attribute]
+            if t.location.shape != tuple(have.shape) or DTYPES[t.location.dtype][1] != have.dtype:
+                self.store.close()
+                raise ValueError(
+                    f"{a.tensor} on disk is {t.location.dtype}{list(t.location.shape)} but the model holds "
+                    f"{have.dtype}{list(have.shape)}: only checkpoints saved by mlx-lm can be streamed"
+                )
+        self.pools = [ExpertPool(layer, self.store, policy, self.counters, self.lock) for layer in arrays]
+        for (parent, name, switch), pool in zip(layers, self.pools, strict=True):
+            setattr(parent, name, StreamedExperts(switch, pool))
+        self.budget = self.all_bytes
+        self._stop = threading.Event()
+        self._follower: threading.Thread | None = None
+        STREAMERS.add(self)
+
+    @property
+    def unit_bytes(self) -> int:
+        """Bytes of one expert in every layer: the step the budget moves in."""
+        return sum(p.expert_bytes for p in self.pools)
+
+    @property
+    def all_bytes(self) -> int:
+        return sum(p.num_experts * p.expert_bytes for p in self.pools)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(p.resident_bytes for p in self.pools)
+
+    @property
+    def capacity(self) -> int:
+        """Experts each layer holds."""
+        return self.pools[0].capacity
+
+    def capacity_for(self, budget: int) -> int:
+        return max(1, min(self.pools[0].num_experts, budget // self.unit_bytes))
+
+    def start_empty(self, budget: int) -> None:
+        """Before the model's weights are read: hold `budget` bytes of empty slots instead of the
+        experts (which are then never read whole), or every expert if the budget holds them all."""
+        self.budget = budget
+        capacity = self.capacity_for(budget)
+        if capacity < self.pools[0].num_experts:
+            for pool in self.pools:
+                pool.start_empty(capacity)
+
+    def set_budget(self, budget: int) -> None:
+        """Hold at most `budget` bytes of experts from now on."""
+        self.budget = budget
+        self._resize(self.capacity_for(budget))
+
+    def _resize(self, capacity: int) -> None:
+        if capacity == self.capacity:
+            return
+        log.info(
+            "resizing expert pools",
+            extra={"model": self.model_id, "from": self.capacity, "to": capacity, "per_layer": True},
+        )
+        for pool in self.pools:  # layer by layer: the engine runs between them
+            with self.lock:
+                pool.resize(capacity)
+        gc.collect()
+        mx.clear_cache()
+
+    def follow(self, floor: int) -> None:
+        """Track memory pressure on a thread until `close()`: below SHRINK_BELOW_FREE free the pools
+        shrink (never under `floor` experts per layer), above GROW_ABOVE_FREE they grow back toward
+        the budget."""
+        self._follower = threading.Thread(
+            target=self._follow, args=(floor,), name=f"experts:{self.model_id}", daemon=True
+        )
+        self._follower.start()
+
+    def _follow(self, floor: int) -> None:
+        while not self._stop.wait(FOLLOW_INTERVAL):
+            snap = memory.snapshot()
+            if snap is None:
+                continue
+            try:
+                self._resize(self.target(snap, floor))
+            except Exception:  # never let the monitor die: the next reading tries again
+                log.exception("resizing expert pools failed", extra={"model": self.model_id})
+
+    def target(self, snap: Any, floor: int) -> int:
+        """Experts per layer for this memory reading."""
+        total, free = snap["effective_total_bytes"], snap["effective_available_bytes"]
+        cap, unit = self.capacity, self.unit_bytes
+        ceiling = self.capacity_for(self.budget)
+        floor = min(floor, ceiling)
+        low, high = SHRINK_BELOW_FREE * total, GROW_ABOVE_FREE * total
+        if free < low or snap["pressure"] == "critical":
+            return max(floor, min(cap, cap - max(1, int(-(-(low - free) // unit)))))
+        if free > high and cap < ceiling and snap["pressure"] == "normal":
+            return min(ceiling, cap + max(1, int((free - high) // unit)))
+        return cap
+
+    def status(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "policy": self.policy,
+            "budget_bytes": self.budget,
+            "resident_bytes": self.resident_bytes,
+            "all_bytes": self.all_bytes,
+            "experts_per_layer": self.capacity,
+            "layers": len(self.pools),
+            "hits": c.hits,
+            "misses": c.misses,
+            "evictions": c.evictions,
+            "bytes_read": c.bytes_read,
+            "read_seconds": round(c.read_seconds, 6),
+        }
+
+    def __enter__(self) -> ExpertStreamer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._follower is not None:
+            self._follower.join(5)
+        self.store.close()
