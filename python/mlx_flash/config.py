@@ -7,6 +7,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from mlx_flash.experts.policy import POLICIES
+
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
 DEFAULT_PREFIX_CACHE_DISK_BYTES = 10 << 30
@@ -36,6 +38,8 @@ class WorkerConfig:
     prefill_step: int = DEFAULT_PREFILL_STEP
     prefill_budget: float = DEFAULT_PREFILL_BUDGET
     expert_trace: str | None = None  # append the experts each token uses to this file (JSON lines)
+    expert_memory: str = "auto"  # bytes of MoE experts held in memory ("auto": all if the model fits)
+    expert_policy: str = "lru"  # which expert a full pool evicts: lru, lfu or decay
     worker_id: str | None = None
     local_workers: int = 1
     host: str = "127.0.0.1"
@@ -69,6 +73,10 @@ class WorkerConfig:
             raise ValueError("--kv-group-size must be 32, 64 or 128 and --quantized-kv-start >= 0")
         if self.prefill_step < 1 or self.prefill_budget < 0:
             raise ValueError("--prefill-step must be >= 1 and --prefill-budget >= 0")
+        if self.expert_memory != "auto":
+            parse_bytes(self.expert_memory)
+        if self.expert_policy not in POLICIES:
+            raise ValueError(f"--expert-policy must be one of {', '.join(POLICIES)}")
         if self.local_workers < 1:
             raise ValueError("--local-workers must be >= 1")
         if self.worker_id is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.worker_id):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
 from mlx_flash import memory
@@ -112,4 +112,49 @@ class MemoryCollector(Collector):
         )
 
 
+class ExpertCollector(Collector):
+    """Streamed experts of each model, read from its pools at scrape time. Read bandwidth is
+    rate(mlx_flash_expert_read_bytes_total) / rate(mlx_flash_expert_read_seconds_total)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        from mlx_flash.experts.streamer import STREAMERS
+
+        streamers = list(STREAMERS)
+        counters = {
+            "hits": "Expert uses served from the pool",
+            "misses": "Expert uses that waited for a read from disk",
+            "evictions": "Experts dropped from a pool to make room",
+            "read_bytes": "Expert bytes read from disk",
+            "read_seconds": "Time spent reading experts from disk",
+        }
+        gauges = {
+            "budget_bytes": "Most bytes of experts the model may hold (--expert-memory)",
+            "resident_bytes": "Bytes of expert slots the model holds now (shrinks under memory pressure)",
+            "slots_per_layer": "Experts each MoE layer holds now",
+        }
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
+            **{
+                k: CounterMetricFamily(f"mlx_flash_expert_{k}", h, labels=["model"])
+                for k, h in counters.items()
+            },
+            **{k: GaugeMetricFamily(f"mlx_flash_expert_{k}", h, labels=["model"]) for k, h in gauges.items()},
+        }
+        for s in streamers:
+            c, m = s.counters, [s.model_id]
+            values = {
+                "hits": c.hits,
+                "misses": c.misses,
+                "evictions": c.evictions,
+                "read_bytes": c.bytes_read,
+                "read_seconds": c.read_seconds,
+                "budget_bytes": s.budget,
+                "resident_bytes": s.resident_bytes,
+                "slots_per_layer": s.capacity,
+            }
+            for k, v in values.items():
+                families[k].add_metric(m, v)
+        yield from families.values()
+
+
 REGISTRY.register(MemoryCollector())
+REGISTRY.register(ExpertCollector())

@@ -52,6 +52,7 @@ from mlx_flash.config import (
     env_int,
     parse_bytes,
 )
+from mlx_flash.experts.policy import POLICIES
 from mlx_flash.worker_state import WorkerState
 
 # Named explicitly: run as `python -m mlx_flash.worker`, __name__ is "__main__".
@@ -337,6 +338,19 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         "`mlx-flash experts replay FILE` compares cache policies on it",
     )
     p.add_argument(
+        "--expert-memory",
+        default=env_default("EXPERT_MEMORY", "auto"),
+        help="bytes of a MoE model's experts kept in memory (12G, 512M); the rest stream from its "
+        "safetensors files as layers need them, with the same output. auto (default): every expert "
+        "if the model fits under --memory-limit, else what fits. Pools shrink under memory pressure",
+    )
+    p.add_argument(
+        "--expert-policy",
+        default=env_default("EXPERT_POLICY", "lru"),
+        choices=POLICIES,
+        help="which expert a full pool evicts (mlx-flash experts replay compares them on a trace)",
+    )
+    p.add_argument(
         "--prefix-cache-bytes",
         type=_bytes,
         default=_bytes(env_default("PREFIX_CACHE_BYTES", str(DEFAULT_PREFIX_CACHE_BYTES)) or "0"),
@@ -401,6 +415,8 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
         prefill_step=args.prefill_step,
         prefill_budget=args.prefill_budget,
         expert_trace=args.expert_trace,
+        expert_memory=args.expert_memory,
+        expert_policy=args.expert_policy,
         host=args.host,
         port=args.port,
         uds=args.uds,

@@ -96,6 +96,18 @@ def read_index(path: Path) -> dict[str, TensorLocation]:
     return out
 
 
+def expert_file_bytes(model_dir: Path, num_experts: int) -> int:
+    """Bytes of the stacked expert tensors in a model's safetensors files, from their headers alone:
+    what streaming can keep on disk (mlx-lm names them `...switch_mlp.*` or `...experts.*`)."""
+    total = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        for name, loc in read_index(f).items():
+            stacked = len(loc.shape) >= 2 and loc.shape[0] == num_experts
+            if stacked and ("switch_mlp." in name or ".experts." in name):
+                total += loc.end - loc.start
+    return total
+
+
 class ExpertStore:
     """Positional reads of chosen experts' rows from a model directory's safetensors files."""
 

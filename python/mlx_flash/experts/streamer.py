@@ -11,6 +11,7 @@ number of experts per layer: `budget // bytes of one expert in every layer`.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import threading
@@ -21,8 +22,9 @@ from typing import Any
 import mlx.core as mx
 
 from mlx_flash import memory
+from mlx_flash.config import parse_bytes
 from mlx_flash.experts.pool import Counters, ExpertPool, StreamedExperts, expert_arrays, moe_layers
-from mlx_flash.experts.store import DTYPES, ExpertStore
+from mlx_flash.experts.store import DTYPES, ExpertStore, expert_file_bytes
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,50 @@ FOLLOW_INTERVAL = 0.25
 SHRINK_BELOW_FREE = 0.20
 GROW_ABOVE_FREE = 0.30
 
+# With --expert-memory auto, a model too large to hold whole leaves this share of the memory limit for
+# KV caches; its experts get the rest after the other weights and the prefix cache.
+AUTO_KV_SHARE = 0.10
+
 # Every streamer alive, for the metrics collector.
 STREAMERS: weakref.WeakSet[ExpertStreamer] = weakref.WeakSet()
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertPlan:
+    """How a MoE model's experts are held: `budget` bytes of them in memory, of `all_bytes`."""
+
+    budget: int
+    all_bytes: int
+    num_experts: int
+    top_k: int
+
+    @property
+    def floor_bytes(self) -> int:
+        """The least a pass can run with: the router's top-k experts in every layer."""
+        return self.top_k * self.all_bytes // self.num_experts
+
+    @property
+    def streamed(self) -> bool:
+        return self.budget < self.all_bytes
+
+
+def plan(model_dir: Path, config: dict[str, Any], weights: int, room: int, setting: str) -> ExpertPlan | None:
+    """The plan for a model of `weights` bytes given `room` bytes for its weights and KV, under
+    `--expert-memory` `setting` ("auto" or bytes); None when the model has no experts on disk. Auto
+    holds every expert when the model fits, else what fits beside the other weights and some KV (at
+    least the router's top-k per layer: if even that does not fit, the model does not)."""
+    c = config.get("text_config", config)
+    experts = int(c.get("num_experts") or c.get("num_local_experts") or c.get("n_routed_experts") or 0)
+    on_disk = expert_file_bytes(model_dir, experts) if experts > 1 else 0
+    if not on_disk:
+        return None
+    top_k = max(1, int(c.get("num_experts_per_tok") or 1))
+    if setting != "auto":
+        return ExpertPlan(min(parse_bytes(setting), on_disk), on_disk, experts, top_k)
+    if weights <= room:
+        return ExpertPlan(on_disk, on_disk, experts, top_k)
+    p = ExpertPlan(int(room * (1 - AUTO_KV_SHARE)) - (weights - on_disk), on_disk, experts, top_k)
+    return dataclasses.replace(p, budget=min(on_disk, max(p.budget, p.floor_bytes)))
 
 
 class ExpertStreamer:

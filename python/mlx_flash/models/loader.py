@@ -15,6 +15,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load
 
 from mlx_flash.demo import DEMO_MODEL_PATH
+from mlx_flash.experts.streamer import ExpertPlan, ExpertStreamer
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class LoadedModel:
     created: int
     weight_bytes: int
     kv_bytes_per_token: int
+    experts: ExpertStreamer | None = None  # a MoE model's expert pools, when it streams them
 
 
 def is_hub_id(name: str) -> bool:
@@ -108,6 +110,22 @@ def head_dim(config: dict[str, Any]) -> int:
     return int(c.get("head_dim") or (hidden // heads if hidden else 128))
 
 
+def _stream_experts(
+    name: str, model: Any, path: Path, plan: ExpertPlan, policy: str
+) -> ExpertStreamer | None:
+    """Put the experts in pools before any weight is read; a model that fits whole but cannot stream
+    (a checkpoint mlx-lm did not write) loads as it is."""
+    try:
+        streamer = ExpertStreamer(model, path, name, policy)
+    except ValueError as e:
+        if plan.streamed:
+            raise
+        log.warning("experts stay resident", extra={"model": name, "reason": str(e)})
+        return None
+    streamer.start_empty(plan.budget)
+    return streamer
+
+
 def _activation_dtype(leaves: list[tuple[str, mx.array]]) -> mx.Dtype:
     """The floating dtype the model computes in (a quantized model's scales carry it)."""
     for _, array in leaves:
@@ -116,13 +134,21 @@ def _activation_dtype(leaves: list[tuple[str, mx.array]]) -> mx.Dtype:
     return mx.float16
 
 
-def load_model(name: str, path: Path, on_progress: Callable[[int, int], None] | None = None) -> LoadedModel:
-    """Load with mlx-lm, reading the weights in groups so `on_progress(done, total)` can report bytes."""
+def load_model(
+    name: str,
+    path: Path,
+    on_progress: Callable[[int, int], None] | None = None,
+    experts: ExpertPlan | None = None,
+    expert_policy: str = "lru",
+) -> LoadedModel:
+    """Load with mlx-lm, reading the weights in groups so `on_progress(done, total)` can report bytes.
+    With an expert plan, the MoE experts stream from disk within its budget and only the rest is read."""
     start = time.perf_counter()
     log.info("loading model", extra={"model": name, "path": str(path)})
     model, tokenizer, config = cast(
         tuple[Any, TokenizerWrapper, dict[str, Any]], load(str(path), lazy=True, return_config=True)
     )
+    streamer = _stream_experts(name, model, path, experts, expert_policy) if experts else None
     leaves = cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))
     total = sum(int(array.nbytes) for _, array in leaves)
     done, group, group_bytes, reported = 0, [], 0, -1
@@ -149,6 +175,7 @@ def load_model(name: str, path: Path, on_progress: Callable[[int, int], None] | 
         created=int(time.time()),
         weight_bytes=total,
         kv_bytes_per_token=kv_bytes_per_token(config, _activation_dtype(leaves)),
+        experts=streamer,
     )
     log.info(
         "model loaded",
@@ -158,6 +185,7 @@ def load_model(name: str, path: Path, on_progress: Callable[[int, int], None] | 
             "weight_bytes": total,
             "kv_bytes_per_token": loaded.kv_bytes_per_token,
             "context_length": loaded.context_length,
+            "expert_bytes_held": streamer.resident_bytes if streamer else None,
             "seconds": round(time.perf_counter() - start, 3),
         },
     )

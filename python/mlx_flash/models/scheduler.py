@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from mlx_lm.utils import load_config
 
 from mlx_flash import memory, metrics
 from mlx_flash.api.errors import (
@@ -38,7 +39,7 @@ from mlx_flash.engine.disk_cache import DiskCache, model_key
 from mlx_flash.engine.engine import Engine, KvQuantization, RequestHandle
 from mlx_flash.engine.prefix_cache import PrefixCache
 from mlx_flash.engine.request import GenerationRequest
-from mlx_flash.experts import trace
+from mlx_flash.experts import streamer, trace
 from mlx_flash.models.loader import LoadedModel, head_dim, load_model, resolve, weight_file_bytes
 from mlx_flash.models.registry import Known, Registry
 
@@ -212,17 +213,31 @@ class Scheduler:
                 if not download:
                     hint = f"; POST /admin/api/models/{entry.id}/load downloads it"
                 raise ModelNotFound(entry.id, f"{e}{hint}") from e
-            need = (weight_file_bytes(path) or 1) + self._prefix_budget
+            weights = weight_file_bytes(path) or 1
+            room = self._ceiling(entry) - self._prefix_budget
+            experts = await asyncio.to_thread(
+                streamer.plan, path, load_config(path), weights, room, self.config.expert_memory
+            )
+            if experts is not None:
+                weights += experts.budget - experts.all_bytes
+                if experts.budget < experts.floor_bytes:
+                    raise ModelTooLarge(
+                        f"The model '{entry.id}' streams its experts, but {experts.budget} bytes cannot hold "
+                        f"the {experts.top_k} experts per layer a token needs ({experts.floor_bytes} bytes); "
+                        "raise --expert-memory."
+                    )
+            need = weights + self._prefix_budget
             if need > self._ceiling(entry):
+                streamed = " with its experts streamed from disk" if experts and experts.streamed else ""
                 raise ModelTooLarge(
-                    f"The model '{entry.id}' needs about {need} bytes (weights and prefix cache) but this "
-                    f"worker's memory limit is {self.limit} bytes ({self._ceiling(entry)} without the "
-                    "pinned models); raise --memory-limit or pick a smaller model."
+                    f"The model '{entry.id}' needs about {need} bytes{streamed} (weights and prefix cache) "
+                    f"but this worker's memory limit is {self.limit} bytes ({self._ceiling(entry)} without "
+                    "the pinned models); raise --memory-limit or pick a smaller model."
                 )
             await self.admit(need, f"load of {entry.id}", lambda: setattr(entry, "reserved", need))
             started = time.perf_counter()
             try:
-                engine = await asyncio.to_thread(_open, entry, path, self.config, self._prefix_cache)
+                engine = await asyncio.to_thread(_open, entry, path, self.config, self._prefix_cache, experts)
             except Exception as e:
                 entry.reserved = 0
                 log.exception("model failed to load", extra={"model": entry.id})
@@ -348,6 +363,7 @@ class Scheduler:
             "weight_bytes": engine.loaded.weight_bytes if engine else None,
             "kv_bytes_per_token": engine.loaded.kv_bytes_per_token if engine else None,
             "context_length": engine.loaded.context_length if engine else None,
+            "experts": engine.loaded.experts.status() if engine and engine.loaded.experts else None,
             "reserved_bytes": entry.reserved,
             "active_requests": entry.holders,
             "idle_seconds": round(time.monotonic() - entry.last_used, 1) if engine else None,
@@ -393,14 +409,26 @@ def _system_has(need: int) -> bool:
 
 def _release(engines: list[Engine]) -> None:
     """Stop an engine and give its memory back to the system."""
-    engines.pop().close()
+    engine = engines.pop()
+    engine.close()
+    if engine.loaded.experts is not None:
+        engine.loaded.experts.close()
+    del engine
     gc.collect()
     mx.clear_cache()
 
 
-def _open(entry: Entry, path: Path, config: WorkerConfig, prefix_cache: Any) -> Engine:
+def _open(
+    entry: Entry, path: Path, config: WorkerConfig, prefix_cache: Any, experts: streamer.ExpertPlan | None
+) -> Engine:
     """Load a model and start its engine (on a thread: both read files)."""
-    loaded = load_model(entry.id, path, lambda done, total: setattr(entry, "progress", (done, total)))
+    loaded = load_model(
+        entry.id,
+        path,
+        lambda done, total: setattr(entry, "progress", (done, total)),
+        experts,
+        config.expert_policy,
+    )
     if config.expert_trace:
         # Line-buffered appends, one JSON line per layer pass; open while the process lives.
         traced = trace.record(loaded.model, loaded.id, open(config.expert_trace, "a", buffering=1))  # noqa: SIM115
@@ -412,6 +440,8 @@ def _open(entry: Entry, path: Path, config: WorkerConfig, prefix_cache: Any) -> 
             raise ValueError(
                 f"--kv-group-size {q.group_size} must divide the head size {head_dim(loaded.config)}"
             )
+    if loaded.experts is not None and experts is not None:
+        loaded.experts.follow(experts.top_k)
     return Engine(
         loaded,
         prefix_cache(loaded),

@@ -1,0 +1,131 @@
+"""A worker serving a model whose experts stream from disk: the same answers as the resident model
+through the OpenAI API, with batching and the prefix cache; metrics and admin show the pools; under a
+memory balloon in its cgroup the pools shrink, and grow back when the balloon is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from helpers import Worker, run_worker
+from mlx_flash.demo import DEMO_MODEL_PATH
+from mlx_flash.experts.store import expert_file_bytes
+
+QUESTIONS = ["What can you do?", "Tell me about the weather tools.", "hello", "Write a haiku about tea."]
+# The demo model: 4 MoE layers of 8 experts, 2 per token.
+UNIT = expert_file_bytes(DEMO_MODEL_PATH, 8) // 8  # bytes of one expert in every layer
+
+
+async def answers(worker: Worker) -> list[str]:
+    """Every question at once (one batch), greedy."""
+    client = openai.AsyncOpenAI(base_url=f"{worker.url}/v1", api_key="x", max_retries=0)
+
+    async def ask(q: str) -> str:
+        r = await client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": q}], max_tokens=40, temperature=0
+        )
+        return r.choices[0].message.content or ""
+
+    try:
+        return list(await asyncio.gather(*(ask(q) for q in QUESTIONS)))
+    finally:
+        await client.close()
+
+
+def test_a_streamed_model_answers_as_the_resident_one(tmp_path: Path) -> None:
+    with run_worker("demo", tmp_path / "resident.log") as w:
+        want = asyncio.run(answers(w))
+        assert w.metric("mlx_flash_expert_slots_per_layer", model="demo") == 8  # auto: it fits
+        assert w.metric("mlx_flash_expert_misses_total", model="demo") == 0
+    with run_worker("demo", tmp_path / "streamed.log", "--expert-memory", str(2 * UNIT)) as w:
+        assert asyncio.run(answers(w)) == want
+        assert w.metric("mlx_flash_expert_slots_per_layer", model="demo") == 2
+        assert w.metric("mlx_flash_expert_misses_total", model="demo") > 0
+        assert w.metric("mlx_flash_expert_read_bytes_total", model="demo") > 0
+        # The same conversation again: its prompt comes from the prefix cache, the answer is unchanged.
+        client = openai.OpenAI(base_url=f"{w.url}/v1", api_key="x", max_retries=0)
+        messages = [{"role": "user", "content": QUESTIONS[0]}]
+        again = client.chat.completions.create(model="demo", messages=messages, max_tokens=40, temperature=0)  # type: ignore[arg-type]
+        assert again.choices[0].message.content == want[0]
+        assert again.usage is not None and again.usage.prompt_tokens_details is not None
+        assert (again.usage.prompt_tokens_details.cached_tokens or 0) > 0
+        # Streamed completions too.
+        text = "".join(
+            c.choices[0].text
+            for c in client.completions.create(
+                model="demo", prompt="The weather", max_tokens=20, temperature=0, stream=True
+            )
+        )
+        assert text
+        model = httpx.get(f"{w.url}/admin/api/models", timeout=10).json()
+        experts = next(m for m in model["models"] if m["id"] == "demo")["experts"]
+        assert experts["experts_per_layer"] == 2 and experts["budget_bytes"] == 2 * UNIT
+        assert experts["misses"] > 0 and experts["bytes_read"] == experts["misses"] * (UNIT // 4)
+
+
+def test_too_small_an_expert_budget_is_refused_clearly() -> None:
+    cmd = [sys.executable, "-m", "mlx_flash.worker", "--model", "demo", "--port", "0"]
+    r = subprocess.run([*cmd, "--expert-memory", str(UNIT)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "cannot hold the 2 experts per layer a token needs" in r.stdout + r.stderr
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+def test_the_pools_follow_a_memory_balloon_in_the_cgroup(tmp_path: Path) -> None:
+    """A smaller machine: while another process in the worker's cgroup holds most of it, the pools
+    shrink to the router's top-k within 2 s and answers do not change; they grow back after."""
+    if not (CGROUP_ROOT / "cgroup.procs").exists() or not os.access(CGROUP_ROOT, os.W_OK):
+        pytest.skip("needs root and the cgroup v1 memory controller")
+    group = CGROUP_ROOT / f"mlxf-experts-{os.getpid()}"
+    group.mkdir()
+    balloon: subprocess.Popen[str] | None = None
+    limit = 3 << 30
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+        join = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh"]
+        with run_worker("demo", tmp_path / "w.log", "--prefix-cache-bytes", "64M", prefix=join) as w:
+            want = asyncio.run(answers(w))
+            assert w.metric("mlx_flash_expert_slots_per_layer", model="demo") == 8
+            usage = int((group / "memory.usage_in_bytes").read_text())
+            # Leaves 17.5% free: under the 20% the pools keep free, above what admission needs.
+            fill = int(limit * (1 - 0.175)) - usage
+            code = f"import time; x = b'1' * {fill}; print('holding', flush=True); time.sleep(600)"
+            balloon = subprocess.Popen([*join, sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+            assert balloon.stdout is not None and balloon.stdout.readline().strip() == "holding"
+            held = time.monotonic()
+            while w.metric("mlx_flash_expert_slots_per_layer", model="demo") > 2:
+                assert time.monotonic() - held < 2.0, "the pools did not shrink within 2 s"
+                time.sleep(0.05)
+            assert asyncio.run(answers(w)) == want
+            balloon.send_signal(signal.SIGKILL)
+            balloon.wait(10)
+            deadline = time.monotonic() + 10
+            while w.metric("mlx_flash_expert_slots_per_layer", model="demo") < 8:
+                assert time.monotonic() < deadline, "the pools did not grow back"
+                time.sleep(0.05)
+            assert asyncio.run(answers(w)) == want
+            assert w.process.poll() is None
+            assert "oom_kill 0" in (group / "memory.oom_control").read_text()
+    finally:
+        if balloon is not None:
+            balloon.kill()
+            balloon.wait(10)
+            assert balloon.stdout is not None
+            balloon.stdout.close()
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:  # the worker's last pages are still being uncharged
+                time.sleep(0.1)
