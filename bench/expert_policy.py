@@ -6,8 +6,9 @@ decay beside Belady's optimum, at 25% and 50% of the experts per layer.
 
 A demo worker runs with `--expert-trace`, answering fresh samples of the conversations it was trained on
 (greedy, through /v1/chat/completions, or /v1/completions with its tool syntax for tool conversations),
-so the trace holds its prefill and decode passes as served. The trace is replayed per token and per layer
-(`mlx_flash.experts.trace.replay`, what `mlx-flash experts replay` prints). Target: a policy within 5
+so the trace holds its prefill and decode passes as served. The trace is replayed per layer as the pools
+serve it: each pass asks for its experts once, a prompt chunk's as bulk, in groups no larger than the
+pool (`mlx_flash.experts.trace.replay`, what `mlx-flash experts replay` prints). Target: a policy within 5
 points of Belady at both capacities. Writes bench/results/expert_policy.json; bench/report.py turns it
 into a README table.
 """
@@ -68,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         "method": {
             "trace": "python -m mlx_flash.worker --model demo --expert-trace FILE; fresh samples of the demo "
             "model's training conversations, answered greedily (max_tokens 64)",
-            "replay": "per layer, each token's experts are one access; hit rate = hits / expert uses, over "
-            "all layers; Belady evicts the resident expert needed furthest ahead",
+            "replay": "per layer, each pass's experts are one access (prompt chunks as bulk, split into "
+            "groups of at most the capacity); hit rate = hits / expert uses, over all layers; Belady "
+            "evicts the resident expert needed furthest ahead",
         },
     }
     with tempfile.TemporaryDirectory(prefix="mlxf-bench-") as tmp:
@@ -86,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     result["trace"] = {
         "layers": len(per_layer),
         "experts_per_layer": experts,
-        "tokens": len(next(iter(per_layer.values()))),
-        "experts_per_token": len(next(iter(per_layer.values()))[0]),
+        "tokens": trace.num_tokens(per_layer),
+        "passes": len(next(iter(per_layer.values()))),
+        "prompt_passes": sum(p.bulk for p in next(iter(per_layer.values()))),
+        "experts_per_token": len(next(iter(per_layer.values()))[0].tokens[0]),
     }
     result["replay"] = rows
     gaps = {name: max(r["belady"] - r[name] for r in rows) for name in POLICIES}

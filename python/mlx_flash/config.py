@@ -39,7 +39,7 @@ class WorkerConfig:
     prefill_budget: float = DEFAULT_PREFILL_BUDGET
     expert_trace: str | None = None  # append the experts each token uses to this file (JSON lines)
     expert_memory: str = "auto"  # bytes of MoE experts held in memory ("auto": all if the model fits)
-    expert_policy: str = "lru"  # which expert a full pool evicts: lru, lfu or decay
+    expert_policy: str = "decay"  # which expert a full pool evicts: lru, lfu or decay
     worker_id: str | None = None
     local_workers: int = 1
     host: str = "127.0.0.1"

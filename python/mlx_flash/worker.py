@@ -346,7 +346,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--expert-policy",
-        default=env_default("EXPERT_POLICY", "lru"),
+        default=env_default("EXPERT_POLICY", "decay"),
         choices=POLICIES,
         help="which expert a full pool evicts (mlx-flash experts replay compares them on a trace)",
     )

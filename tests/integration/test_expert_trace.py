@@ -30,6 +30,7 @@ def test_recording_a_trace_does_not_change_output_and_replays() -> None:
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert {line["layer"] for line in lines} == {0, 1, 2, 3}
     assert all(len(experts) == 2 for line in lines for experts in line["experts"])  # top-2 routing
+    assert [line["bulk"] for line in lines[:5]] == [True] * 4 + [False]
     first_pass = next(line for line in lines if line["layer"] == 0)
     # mlx-lm prefills all but the last prompt token in one pass; then one token per pass
     assert len(first_pass["experts"]) == len(prompt) - 1
@@ -44,8 +45,11 @@ def test_a_worker_records_and_the_cli_replays(tmp_path: Path) -> None:
             c.chat.completions.create(model="demo", messages=[{"role": "user", "content": q}], max_tokens=16)
     per_layer = trace.read(path)
     assert sorted(per_layer) == [0, 1, 2, 3] and trace.num_experts(per_layer) == 8
-    uses = sum(len(set(t)) for tokens in per_layer.values() for t in tokens)
-    first_uses = sum(len({e for t in tokens for e in t}) for tokens in per_layer.values())
+    # Each answer: its prompt read in one bulk pass, then one decode pass per token.
+    assert sum(p.bulk for p in per_layer[0]) == 3
+    assert all(len(p.tokens) == 1 for p in per_layer[0] if not p.bulk)
+    uses = sum(len({e for t in p.tokens for e in t}) for passes in per_layer.values() for p in passes)
+    first_uses = sum(len({e for p in passes for t in p.tokens for e in t}) for passes in per_layer.values())
     for row in trace.report(per_layer, [2, 4, 8]):
         assert all(row[p] <= row["belady"] + 1e-9 for p in ("lru", "lfu", "decay"))
         if row["capacity"] == 8:  # every expert fits: only first uses miss, whatever the policy

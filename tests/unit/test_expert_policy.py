@@ -9,15 +9,20 @@ import pytest
 from mlx_flash.experts.policy import LRU, POLICIES, belady_hit_rate, hit_rate, make_policy
 
 
+def decode(passes: list[list[int]]) -> list[tuple[bool, list[int]]]:
+    """Decode steps (not bulk prompt chunks)."""
+    return [(False, p) for p in passes]
+
+
 def test_lru_misses_every_time_on_a_cycle_one_larger_than_the_cache() -> None:
     passes = [[e] for e in [0, 1, 2] * 10]
-    assert hit_rate(passes, LRU(2)) == 0.0
+    assert hit_rate(decode(passes), LRU(2)) == 0.0
     assert belady_hit_rate(passes, 2) > 0.4  # the optimum keeps one of the two it will need soonest
 
 
 def test_lfu_keeps_the_hot_expert_that_lru_drops() -> None:
     passes = [[0], [1], [0], [2], [0], [3], [4], [0], [5], [6], [0]]
-    assert hit_rate(passes, make_policy("lfu", 2)) > hit_rate(passes, make_policy("lru", 2))
+    assert hit_rate(decode(passes), make_policy("lfu", 2)) > hit_rate(decode(passes), make_policy("lru", 2))
 
 
 def test_decay_follows_a_shift_that_lfu_does_not() -> None:
@@ -25,7 +30,7 @@ def test_decay_follows_a_shift_that_lfu_does_not() -> None:
     new = [[2], [3], [4]] * 30  # now 2, 3 and 4 are
     passes = old + new
     decay, lfu = make_policy("decay", 3), make_policy("lfu", 3)
-    assert hit_rate(passes, decay) > hit_rate(passes, lfu)
+    assert hit_rate(decode(passes), decay) > hit_rate(decode(passes), lfu)
 
 
 def test_experts_needed_by_the_same_pass_are_never_evicted_for_each_other() -> None:
@@ -47,8 +52,30 @@ def test_no_policy_beats_belady(seed: int) -> None:
     for capacity in (2, 4, 8):
         best = belady_hit_rate(passes, capacity)
         for name in POLICIES:
-            assert hit_rate(passes, make_policy(name, capacity)) <= best + 1e-12
+            assert hit_rate(decode(passes), make_policy(name, capacity)) <= best + 1e-12
     assert belady_hit_rate(passes, 16) == pytest.approx(1 - 16 / 600, abs=0.03)  # only first uses miss
+
+
+def test_a_prompt_chunk_does_not_flush_what_decoding_uses() -> None:
+    for name in POLICIES:
+        p = make_policy(name, 4)
+        for _ in range(5):
+            p.access([0, 1])  # decoding keeps using 0 and 1
+        p.access([2, 3], bulk=True)  # a prompt chunk needs others: they must be loaded
+        p.access([4, 5], bulk=True)  # ... and more: the chunk's own experts go first
+        p.access([6, 7, 0], bulk=True)
+        assert {0, 1} <= p.resident, name
+        assert p.access([0, 1]).hits == 2, name
+
+
+def test_shrinking_evicts_by_the_policy_and_keeps_the_rest() -> None:
+    p = make_policy("lru", 4)
+    for e in (0, 1, 2, 3, 0, 1):
+        p.access([e])
+    assert sorted(p.resize(2)) == [2, 3] and p.resident == {0, 1}
+    assert p.resize(5) == [] and p.access([4]).evicted == []
+    with pytest.raises(ValueError, match="at least one"):
+        p.resize(0)
 
 
 def test_unknown_policy_and_empty_cache_are_refused() -> None:

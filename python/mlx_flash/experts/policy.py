@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 POLICIES = ("lru", "lfu", "decay")
 # Frequency with decay: each access adds 1, and every score is multiplied by this per pass of the layer.
-DECAY = 0.95
+DECAY = 0.99
 
 
 @dataclass
@@ -146,11 +146,11 @@ def make_policy(name: str, capacity: int) -> Policy:
     return kinds[name](capacity)
 
 
-def hit_rate(passes: Sequence[Sequence[int]], policy: Policy) -> float:
-    """Fraction of expert uses served from the cache over one layer's passes."""
+def hit_rate(passes: Sequence[tuple[bool, Sequence[int]]], policy: Policy) -> float:
+    """Fraction of expert uses served from the cache over one layer's (bulk, experts) passes."""
     hits = uses = 0
-    for needed in passes:
-        out = policy.access(needed)
+    for bulk, needed in passes:
+        out = policy.access(needed, bulk)
         hits += out.hits
         uses += out.hits + len(out.misses)
     return hits / uses if uses else 1.0

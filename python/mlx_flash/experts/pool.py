@@ -64,6 +64,11 @@ def moe_layers(model: Any) -> list[tuple[Any, str, Any]]:
     return found
 
 
+def is_bulk(x: mx.array) -> bool:
+    """Whether a layer's input (batch, tokens, hidden) is a prompt chunk rather than a decode step."""
+    return x.ndim >= 3 and x.shape[-2] > 1
+
+
 def expert_arrays(path: str, switch: Any) -> list[ExpertArray]:
     """The per-expert arrays of a SwitchGLU/SwitchMLP at `path` in the model, named as saved."""
     out = []
@@ -111,7 +116,7 @@ class ExpertPool:
         """The layer's output for `x` routed to `indices`, loading what is missing first."""
         ids = np.array(indices)  # waits for the router: which experts this pass needs
         needed = [int(e) for e in np.unique(ids)]
-        bulk = x.ndim >= 2 and x.shape[-2] > 1  # a prompt chunk, not a decode step
+        bulk = is_bulk(x)
         if len(needed) <= self.capacity:
             self._load(needed, bulk)
             return inner(x, self.lookup[indices])  # type: ignore[no-any-return]

@@ -1,7 +1,7 @@
 """A MoE model's experts streamed from its safetensors files: one `ExpertPool` per layer, one store,
 one budget that follows memory pressure.
 
-    streamer = ExpertStreamer(model, model_dir, policy="lru")   # before the model's weights are read
+    streamer = ExpertStreamer(model, model_dir, model_id)   # before the model's weights are read
     streamer.set_budget(8 << 30)      # experts of every layer within 8 GB (all of them: resident)
     streamer.follow(budget)           # shrink under memory pressure, grow back when it passes
 
@@ -83,7 +83,7 @@ def plan(model_dir: Path, config: dict[str, Any], weights: int, room: int, setti
 
 class ExpertStreamer:
     def __init__(
-        self, model: Any, model_dir: Path, model_id: str, policy: str = "lru", threads: int = 8
+        self, model: Any, model_dir: Path, model_id: str, policy: str = "decay", threads: int = 8
     ) -> None:
         self.model_id = model_id
         self.policy = policy

@@ -1,8 +1,10 @@
 """Expert traces: which experts each token used in each MoE layer, recorded while a model runs, and
 replayed offline against every cache policy and Belady's optimum.
 
-A trace file holds JSON lines `{"model": M, "layer": L, "experts": [[e, ...], ...]}`, one line per
-forward pass of a MoE layer, one list per token of the pass, in the order they ran.
+A trace file holds JSON lines `{"model": M, "layer": L, "bulk": B, "experts": [[e, ...], ...]}`, one
+line per forward pass of a MoE layer (B: a prompt chunk), one list per token of the pass, in the order
+they ran. Replay serves it as the pools do: each pass asks for its experts once, a prompt chunk's as
+bulk (they must not flush what decoding uses), in groups no larger than the pool.
 
     mlx-flash experts replay TRACE [--model M] [--capacity 0.25,0.5]   hit rates per policy and Belady's
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -20,7 +23,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_flash.experts.policy import POLICIES, belady_hit_rate, hit_rate, make_policy
-from mlx_flash.experts.pool import moe_layers
+from mlx_flash.experts.pool import is_bulk, moe_layers
 
 
 class _Traced(nn.Module):  # type: ignore[misc,name-defined]  # mlx.nn has no type information
@@ -36,7 +39,7 @@ class _Traced(nn.Module):  # type: ignore[misc,name-defined]  # mlx.nn has no ty
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         experts = np.array(indices).reshape(-1, indices.shape[-1]).tolist()
-        self._out.write(json.dumps({**self._head, "experts": experts}) + "\n")
+        self._out.write(json.dumps({**self._head, "bulk": is_bulk(x), "experts": experts}) + "\n")
         return self.inner(x, indices)  # type: ignore[no-any-return]
 
 
@@ -49,10 +52,20 @@ def record(model: Any, model_id: str, out: IO[str]) -> int:
     return len(layers)
 
 
-def read(path: Path, model: str | None = None) -> dict[int, list[list[int]]]:
-    """Per layer, the experts of each token, in order; of `model`, which may be left out when the
-    trace holds one model."""
-    layers: dict[int, list[list[int]]] = {}
+@dataclass(frozen=True)
+class Pass:
+    """One forward pass of a layer: each token's experts; `bulk` for a prompt chunk."""
+
+    bulk: bool
+    tokens: list[list[int]]
+
+
+Trace = dict[int, list[Pass]]  # per layer, its passes in order
+
+
+def read(path: Path, model: str | None = None) -> Trace:
+    """Per layer, its passes in order; of `model`, which may be left out when the trace holds one."""
+    layers: Trace = {}
     seen: set[str] = set()
     with path.open() as f:
         for line in f:
@@ -60,34 +73,51 @@ def read(path: Path, model: str | None = None) -> dict[int, list[list[int]]]:
                 rec = json.loads(line)
                 seen.add(rec["model"])
                 if model is None or rec["model"] == model:
-                    layers.setdefault(int(rec["layer"]), []).extend(rec["experts"])
+                    one = Pass(bool(rec.get("bulk")), rec["experts"])
+                    layers.setdefault(int(rec["layer"]), []).append(one)
     if model is None and len(seen) > 1:
         raise ValueError(f"{path} holds several models ({', '.join(sorted(seen))}): name one")
     return layers
 
 
-def replay(trace: dict[int, list[list[int]]], capacity: int) -> dict[str, float]:
-    """Hit rate of each policy and of Belady's optimum at `capacity` experts per layer, over all layers."""
-    uses = {layer: sum(len(set(t)) for t in tokens) for layer, tokens in trace.items()}
+def accesses(passes: list[Pass], capacity: int) -> list[tuple[bool, list[int]]]:
+    """What a pool of `capacity` slots is asked for, as it serves these passes: each pass's experts
+    once, in groups of at most `capacity`."""
+    out = []
+    for p in passes:
+        needed = list(dict.fromkeys(e for t in p.tokens for e in t))
+        out += [(p.bulk, needed[i : i + capacity]) for i in range(0, len(needed), capacity)]
+    return out
+
+
+def replay(trace: Trace, capacity: int) -> dict[str, float]:
+    """Hit rate of each policy and of Belady's optimum at `capacity` experts per layer, over all layers
+    (hits / expert uses, an expert counted once per pass that needs it)."""
+    per_layer = {layer: accesses(passes, capacity) for layer, passes in trace.items()}
+    uses = {layer: sum(len(g) for _, g in groups) for layer, groups in per_layer.items()}
     total = sum(uses.values())
     rates: dict[str, float] = {}
     for name in (*POLICIES, "belady"):
         hits = 0.0  # each layer's hit rate weighted by its expert uses
-        for layer, tokens in trace.items():
+        for layer, groups in per_layer.items():
             if name == "belady":
-                rate = belady_hit_rate(tokens, capacity)
+                rate = belady_hit_rate([g for _, g in groups], capacity)
             else:
-                rate = hit_rate(tokens, make_policy(name, capacity))
+                rate = hit_rate(groups, make_policy(name, capacity))
             hits += rate * uses[layer]
         rates[name] = hits / total if total else 1.0
     return rates
 
 
-def num_experts(trace: dict[int, list[list[int]]]) -> int:
-    return 1 + max((e for tokens in trace.values() for t in tokens for e in t), default=-1)
+def num_experts(trace: Trace) -> int:
+    return 1 + max((e for passes in trace.values() for p in passes for t in p.tokens for e in t), default=-1)
 
 
-def report(trace: dict[int, list[list[int]]], capacities: list[int]) -> Iterator[dict[str, Any]]:
+def num_tokens(trace: Trace) -> int:
+    return sum(len(p.tokens) for p in next(iter(trace.values()), []))
+
+
+def report(trace: Trace, capacities: list[int]) -> Iterator[dict[str, Any]]:
     for c in capacities:
         yield {"capacity": c, **{k: round(v, 4) for k, v in replay(trace, c).items()}}
 
@@ -117,7 +147,8 @@ def main(argv: list[str]) -> int:
         sizes = capacities(args.capacity, num_experts(trace))
     except (OSError, ValueError, KeyError) as e:
         p.error(str(e))
-    print(f"{len(trace)} layers, {num_experts(trace)} experts, {len(next(iter(trace.values()), []))} tokens")  # noqa: T201
+    passes = len(next(iter(trace.values()), []))
+    print(f"{len(trace)} layers, {num_experts(trace)} experts, {num_tokens(trace)} tokens in {passes} passes")  # noqa: T201
     print("capacity  " + "  ".join(f"{k:>7s}" for k in (*POLICIES, "belady")))  # noqa: T201
     for row in report(trace, sizes):
         print(f"{row['capacity']:8d}  " + "  ".join(f"{row[k]:7.1%}" for k in (*POLICIES, "belady")))  # noqa: T201

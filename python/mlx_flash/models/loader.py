@@ -139,7 +139,7 @@ def load_model(
     path: Path,
     on_progress: Callable[[int, int], None] | None = None,
     experts: ExpertPlan | None = None,
-    expert_policy: str = "lru",
+    expert_policy: str = "decay",
 ) -> LoadedModel:
     """Load with mlx-lm, reading the weights in groups so `on_progress(done, total)` can report bytes.
     With an expert plan, the MoE experts stream from disk within its budget and only the rest is read."""
