@@ -393,8 +393,11 @@ def expert_policy(result: dict[str, Any], source: str) -> str:
         "",
         f"Target: {t['target']} — best {t['value']}: {_met(t)}. Hit rates over the demo model's routing "
         f"({tr['layers']} MoE layers, {tr['experts_per_layer']} experts, top-{tr['experts_per_token']}; "
-        f"{tr['tokens']:,} tokens of {result['settings']['conversations']} served conversations, recorded "
-        "with `--expert-trace`), replayed per token. With 2 slots and top-2 routing every policy is forced. "
+        f"{tr['tokens']:,} tokens in {tr['passes']:,} passes, {tr['prompt_passes']} of them prompts, of "
+        f"{result['settings']['conversations']} served conversations, recorded with `--expert-trace`), "
+        "replayed as the pools serve it: a pass asks for its experts once, a prompt's as bulk, in groups "
+        "no larger than the pool (a prompt touching all 8 experts must load half of them at 4 slots, "
+        "whatever the policy). "
         f"{_machine(result['machine'])}; {result.get('started', '')}. "
         f"Source: `{source}`, made by `{_command(result)}`.",
     ]
