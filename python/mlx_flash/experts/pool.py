@@ -148,9 +148,10 @@ class ExpertPool:
         data = self.store.read([a.tensor for a in self.arrays], outcome.misses)
         c.read_seconds += time.perf_counter() - started
         c.bytes_read += len(outcome.misses) * self.expert_bytes
-        where = mx.array(slots)
         for a in self.arrays:
-            a.module[a.attribute][where] = data[a.tensor]
+            held, read = a.module[a.attribute], data[a.tensor]
+            for i, slot in enumerate(slots):  # one slice update per slot: ~10x a scatter on CPU
+                held[slot] = read[i]
         mx.eval([a.module[a.attribute] for a in self.arrays])
         self.slot_of[outcome.misses] = slots
         self.lookup = mx.array(self.slot_of)
