@@ -96,6 +96,9 @@ def test_checkpoints_not_saved_by_mlx_lm_are_refused(tmp_path: Path) -> None:
     model.set_dtype(mx.float16)  # the model no longer holds what the file does
     with pytest.raises(ValueError, match="only checkpoints saved by mlx-lm"):
         ExpertStreamer(model, path, "moe")
+    model, _ = load(str(path), lazy=True)
     dense, _ = load(str(build_model("qwen3", tmp_path / "dense")), lazy=True)
+    with pytest.raises(ValueError, match="switch_mlp.*only checkpoints saved by mlx-lm"):
+        ExpertStreamer(model, tmp_path / "dense", "moe")  # its files lack the stacked experts
     with pytest.raises(ValueError, match="no mlx-lm expert layers"):
         ExpertStreamer(dense, tmp_path / "dense", "dense")

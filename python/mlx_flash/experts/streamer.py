@@ -94,7 +94,10 @@ class ExpertStreamer:
         if not layers:
             raise ValueError(f"{model_id} has no mlx-lm expert layers (SwitchGLU/SwitchMLP) to stream")
         arrays = [expert_arrays(paths[id(switch)], switch) for _, _, switch in layers]
-        self.store = ExpertStore(model_dir, [a.tensor for layer in arrays for a in layer], threads)
+        try:
+            self.store = ExpertStore(model_dir, [a.tensor for layer in arrays for a in layer], threads)
+        except KeyError as e:  # e.g. one tensor per expert, stacked by mlx-lm only at load
+            raise ValueError(f"{e.args[0]}: only checkpoints saved by mlx-lm can be streamed") from e
         for a in (a for layer in arrays for a in layer):
             t = self.store.tensors[a.tensor]
             have = a.module[a.attribute]
