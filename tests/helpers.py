@@ -111,9 +111,9 @@ def quantize_checkpoint(path: Path, bits: int = 4, group_size: int = 32) -> Path
     scales and biases, the rest bf16."""
     from mlx_lm.utils import load
 
-    model, _ = load(str(path))
+    model = load(str(path))[0]
     model.set_dtype(mx.bfloat16)
-    nn.quantize(model, group_size=group_size, bits=bits)
+    nn.quantize(model, group_size=group_size, bits=bits)  # type: ignore[attr-defined]
     mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
     config = json.loads((path / "config.json").read_text())
     config["quantization"] = {"group_size": group_size, "bits": bits}
