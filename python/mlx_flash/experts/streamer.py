@@ -209,6 +209,7 @@ class ExpertStreamer:
             "evictions": c.evictions,
             "bytes_read": c.bytes_read,
             "read_seconds": round(c.read_seconds, 6),
+            "read_bytes_per_second": round(c.bytes_read / c.read_seconds) if c.read_seconds else None,
         }
 
     def __enter__(self) -> ExpertStreamer:
