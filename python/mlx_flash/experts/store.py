@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -35,6 +36,8 @@ DTYPES: dict[str, tuple[type[np.generic], mx.Dtype]] = {
 }
 # Larger reads are split so one expert's tensor is read by several threads at once.
 MAX_READ = 4 << 20
+# Reads of up to this many experts of a tensor (a decode step's misses) reuse one buffer.
+STAGED_EXPERTS = 16
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,8 @@ class ExpertStore:
         self._fds = {f: _open_uncached(f) for f in {t.location.file for t in self.tensors.values()}}
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="expert-read")
         self.bytes_read = 0
+        # Read buffers, kept between reads: a fresh one would page-fault on every read.
+        self._staging: dict[str, np.ndarray[Any, Any]] = {}
 
     def expert_bytes(self, names: Iterable[str] | None = None) -> int:
         """Bytes of one expert over `names` (all tensors by default)."""
@@ -137,12 +142,12 @@ class ExpertStore:
         """The rows of `experts` of each tensor in `names`, stacked: shape (len(experts), *expert_shape).
 
         Every read of every tensor is in flight at once; the bytes then leave the page cache (we hold
-        them), where the OS lets us say so."""
+        them), where the OS lets us say so. Calls must not overlap (the pools hold their model's lock)."""
         bufs, jobs, spans = {}, [], []
         for name in names:
             t = self.tensors[name]
             np_dtype, _ = DTYPES[t.location.dtype]
-            buf = bufs[name] = np.empty((len(experts), *t.expert_shape), dtype=np_dtype)
+            buf = bufs[name] = self._stage(name, len(experts), np_dtype)
             raw = buf.reshape(-1).view(np.uint8).data
             fd, size = self._fds[t.location.file], t.expert_bytes
             for i, e in enumerate(experts):
@@ -163,6 +168,15 @@ class ExpertStore:
             array, mx_dtype = mx.array(buf), DTYPES[self.tensors[name].location.dtype][1]
             out[name] = array.view(mx_dtype) if array.dtype != mx_dtype else array
         return out
+
+    def _stage(self, name: str, experts: int, dtype: type[np.generic]) -> np.ndarray[Any, Any]:
+        shape = (experts, *self.tensors[name].expert_shape)
+        if experts > STAGED_EXPERTS:  # a long prompt's load: a one-off buffer
+            return np.empty(shape, dtype=dtype)
+        buf = self._staging.get(name)
+        if buf is None:
+            buf = self._staging[name] = np.empty((STAGED_EXPERTS, *shape[1:]), dtype=dtype)
+        return buf[:experts]
 
     def __enter__(self) -> ExpertStore:
         return self
