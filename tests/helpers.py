@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import mlx.core as mx
 import mlx.nn as nn
+import pytest
 from mlx.utils import tree_flatten
 
 from mlx_flash.demo import DEMO_MODEL_PATH
@@ -268,3 +269,42 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return "\nState:\tZ" not in status
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+@contextmanager
+def memory_cgroup(name: str, limit: int) -> Iterator[tuple[Path, list[str]]]:
+    """A smaller machine: a cgroup v1 memory group of `limit` bytes (the test is skipped without root).
+    Yields the group and the command prefix that runs a process inside it; removed afterwards."""
+    if not (CGROUP_ROOT / "cgroup.procs").exists() or not os.access(CGROUP_ROOT, os.W_OK):
+        pytest.skip("needs root and the cgroup v1 memory controller")
+    group = CGROUP_ROOT / f"{name}-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+        yield group, ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh"]
+    finally:
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:  # the last pages are still being uncharged
+                time.sleep(0.1)
+
+
+@contextmanager
+def holding(prefix: Sequence[str], nbytes: int) -> Iterator[subprocess.Popen[str]]:
+    """Another process (run after `prefix`, e.g. inside a cgroup) holding `nbytes` of memory until
+    the block ends (or it is killed sooner)."""
+    code = f"import time; x = b'1' * {nbytes}; print('holding', flush=True); time.sleep(600)"
+    hog = subprocess.Popen([*prefix, sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert hog.stdout is not None and hog.stdout.readline().strip() == "holding"
+        yield hog
+    finally:
+        hog.kill()
+        hog.wait(10)
+        assert hog.stdout is not None
+        hog.stdout.close()

@@ -4,10 +4,6 @@ what does not fit waits in a bounded queue and then gets 503 with Retry-After, n
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +13,7 @@ import httpx
 import mlx.core as mx
 import pytest
 
-from helpers import Worker, run_worker
+from helpers import Worker, holding, memory_cgroup, run_worker
 from mlx_flash.models.loader import kv_bytes_per_token, weight_file_bytes
 
 CEILING_TOKENS = 3100  # KV the memory limit leaves beside the model's weights
@@ -103,49 +99,23 @@ def test_a_request_that_could_never_fit_is_400_and_default_max_tokens_is_capped(
     assert CEILING_TOKENS - 20 <= total <= CEILING_TOKENS + 20
 
 
-CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
-
-
 def test_503_under_a_memory_limited_cgroup_until_memory_is_free(
     model_path: dict[str, Path], tmp_path: Path
 ) -> None:
     """A smaller machine: a worker and another process share a 1.5 GiB cgroup; while the other holds
     most of it, requests are refused before they start; once it is gone they are served."""
-    if not (CGROUP_ROOT / "cgroup.procs").exists() or not os.access(CGROUP_ROOT, os.W_OK):
-        pytest.skip("needs root and the cgroup v1 memory controller")
-    group = CGROUP_ROOT / f"mlxf-admission-{os.getpid()}"
-    group.mkdir()
-    hog: subprocess.Popen[str] | None = None
-    try:
-        (group / "memory.limit_in_bytes").write_text(str(3 << 29))
-        join = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh"]
+    with memory_cgroup("mlxf-admission", 3 << 29) as (group, join):
         path = str(model_path["qwen3"])
         with run_worker(path, tmp_path / "w.log", "--queue-timeout", "1", prefix=join) as w:
             ok = httpx.post(f"{w.url}/v1/completions", json=body(Path(path), max_tokens=4), timeout=30)
             assert ok.status_code == 200
             usage = int((group / "memory.usage_in_bytes").read_text())
-            fill = (3 << 29) - usage - (150 << 20)
-            code = f"import time; x = b'1' * {fill}; print('holding', flush=True); time.sleep(600)"
-            hog = subprocess.Popen([*join, sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-            assert hog.stdout is not None and hog.stdout.readline().strip() == "holding"
-            r = httpx.post(f"{w.url}/v1/completions", json=body(Path(path), max_tokens=4), timeout=30)
-            assert r.status_code == 503 and r.headers["retry-after"]
-            assert r.json()["error"]["code"] == "overloaded"
-            health = httpx.get(f"{w.url}/health", timeout=10).json()["memory"]
-            assert health["cgroup_limit_bytes"] == 3 << 29 and health["effective_available_bytes"] < 256 << 20
-            hog.send_signal(signal.SIGKILL)
-            hog.wait(10)
+            with holding(join, (3 << 29) - usage - (150 << 20)):
+                r = httpx.post(f"{w.url}/v1/completions", json=body(Path(path), max_tokens=4), timeout=30)
+                assert r.status_code == 503 and r.headers["retry-after"]
+                assert r.json()["error"]["code"] == "overloaded"
+                health = httpx.get(f"{w.url}/health", timeout=10).json()["memory"]
+                assert health["cgroup_limit_bytes"] == 3 << 29
+                assert health["effective_available_bytes"] < 256 << 20
             r = httpx.post(f"{w.url}/v1/completions", json=body(Path(path), max_tokens=4), timeout=30)
             assert r.status_code == 200 and r.json()["choices"][0]["text"] == ok.json()["choices"][0]["text"]
-    finally:
-        if hog is not None:
-            hog.kill()
-            hog.wait(10)
-            assert hog.stdout is not None
-            hog.stdout.close()
-        for _ in range(50):
-            try:
-                group.rmdir()
-                break
-            except OSError:  # the worker's last pages are still being uncharged
-                time.sleep(0.1)

@@ -5,8 +5,6 @@ memory balloon in its cgroup the pools shrink, and grow back when the balloon is
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,9 +12,8 @@ from pathlib import Path
 
 import httpx
 import openai
-import pytest
 
-from helpers import Worker, run_worker
+from helpers import Worker, holding, memory_cgroup, run_worker
 from mlx_flash.demo import DEMO_MODEL_PATH
 from mlx_flash.experts.store import expert_file_bytes
 
@@ -79,37 +76,22 @@ def test_too_small_an_expert_budget_is_refused_clearly() -> None:
     assert "cannot hold the 2 experts per layer a token needs" in r.stdout + r.stderr
 
 
-CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
-
-
 def test_the_pools_follow_a_memory_balloon_in_the_cgroup(tmp_path: Path) -> None:
     """A smaller machine: while another process in the worker's cgroup holds most of it, the pools
     shrink to the router's top-k within 2 s and answers do not change; they grow back after."""
-    if not (CGROUP_ROOT / "cgroup.procs").exists() or not os.access(CGROUP_ROOT, os.W_OK):
-        pytest.skip("needs root and the cgroup v1 memory controller")
-    group = CGROUP_ROOT / f"mlxf-experts-{os.getpid()}"
-    group.mkdir()
-    balloon: subprocess.Popen[str] | None = None
     limit = 3 << 30
-    try:
-        (group / "memory.limit_in_bytes").write_text(str(limit))
-        join = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh"]
+    with memory_cgroup("mlxf-experts", limit) as (group, join):
         with run_worker("demo", tmp_path / "w.log", "--prefix-cache-bytes", "64M", prefix=join) as w:
             want = asyncio.run(answers(w))
             assert w.metric("mlx_flash_expert_slots_per_layer", model="demo") == 8
             usage = int((group / "memory.usage_in_bytes").read_text())
             # Leaves 17.5% free: under the 20% the pools keep free, above what admission needs.
-            fill = int(limit * (1 - 0.175)) - usage
-            code = f"import time; x = b'1' * {fill}; print('holding', flush=True); time.sleep(600)"
-            balloon = subprocess.Popen([*join, sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-            assert balloon.stdout is not None and balloon.stdout.readline().strip() == "holding"
-            held = time.monotonic()
-            while w.metric("mlx_flash_expert_slots_per_layer", model="demo") > 2:
-                assert time.monotonic() - held < 2.0, "the pools did not shrink within 2 s"
-                time.sleep(0.05)
-            assert asyncio.run(answers(w)) == want
-            balloon.send_signal(signal.SIGKILL)
-            balloon.wait(10)
+            with holding(join, int(limit * (1 - 0.175)) - usage):
+                held = time.monotonic()
+                while w.metric("mlx_flash_expert_slots_per_layer", model="demo") > 2:
+                    assert time.monotonic() - held < 2.0, "the pools did not shrink within 2 s"
+                    time.sleep(0.05)
+                assert asyncio.run(answers(w)) == want
             deadline = time.monotonic() + 10
             while w.metric("mlx_flash_expert_slots_per_layer", model="demo") < 8:
                 assert time.monotonic() < deadline, "the pools did not grow back"
@@ -117,15 +99,3 @@ def test_the_pools_follow_a_memory_balloon_in_the_cgroup(tmp_path: Path) -> None
             assert asyncio.run(answers(w)) == want
             assert w.process.poll() is None
             assert "oom_kill 0" in (group / "memory.oom_control").read_text()
-    finally:
-        if balloon is not None:
-            balloon.kill()
-            balloon.wait(10)
-            assert balloon.stdout is not None
-            balloon.stdout.close()
-        for _ in range(50):
-            try:
-                group.rmdir()
-                break
-            except OSError:  # the worker's last pages are still being uncharged
-                time.sleep(0.1)
