@@ -112,9 +112,9 @@ class ExpertPool:
     def resident_bytes(self) -> int:
         return self.capacity * self.expert_bytes
 
-    def run(self, inner: Any, x: mx.array, indices: mx.array) -> mx.array:
-        """The layer's output for `x` routed to `indices`, loading what is missing first."""
-        ids = np.array(indices)  # waits for the router: which experts this pass needs
+    def run(self, inner: Any, x: mx.array, indices: mx.array, ids: np.ndarray[Any, Any]) -> mx.array:
+        """The layer's output for `x` routed to `indices` (`ids`, evaluated), loading what is missing
+        first. Under the lock."""
         needed = [int(e) for e in np.unique(ids)]
         bulk = is_bulk(x)
         if len(needed) <= self.capacity:
@@ -228,7 +228,12 @@ class StreamedExperts(nn.Module):  # type: ignore[misc,name-defined]  # mlx.nn h
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         pool = self._pool
+        # Wait for the router (the model's work up to here) outside the lock: a resize never waits
+        # for a forward pass, only for a layer's reads.
+        ids = None if pool.full else np.array(indices)
         with pool.lock:
             if pool.full:
                 return self.inner(x, indices)  # type: ignore[no-any-return]
-            return pool.run(self.inner, x, indices)
+            if ids is None:  # the pool left the full layout meanwhile
+                ids = np.array(indices)
+            return pool.run(self.inner, x, indices, ids)
