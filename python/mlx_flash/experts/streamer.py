@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 # How often the memory monitor is read while following pressure.
 FOLLOW_INTERVAL = 0.25
 # Below this share of memory free the pools shrink until it is free again (the monitor says
-# "warning" at 15%); above the second they grow back toward the budget.
+# "warning" at 15%); they grow back toward the budget while the second stays free.
 SHRINK_BELOW_FREE = 0.20
-GROW_ABOVE_FREE = 0.30
+GROW_ABOVE_FREE = 0.25
 
 # With --expert-memory auto, a model too large to hold whole leaves this share of the memory limit for
 # KV caches; its experts get the rest after the other weights and the prefix cache.
