@@ -132,7 +132,7 @@ class ExpertStore:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="expert-read")
         self.bytes_read = 0
         # Read buffers, kept between reads: a fresh one would page-fault on every read.
-        self._staging: dict[str, np.ndarray[Any, Any]] = {}
+        self._staging: dict[tuple[Any, ...], np.ndarray[Any, Any]] = {}
 
     def expert_bytes(self, names: Iterable[str] | None = None) -> int:
         """Bytes of one expert over `names` (all tensors by default)."""
@@ -144,10 +144,13 @@ class ExpertStore:
         Every read of every tensor is in flight at once; the bytes then leave the page cache (we hold
         them), where the OS lets us say so. Calls must not overlap (the pools hold their model's lock)."""
         bufs, jobs, spans = {}, [], []
+        taken: dict[tuple[Any, ...], int] = {}  # buffers of each shape this call uses
         for name in names:
             t = self.tensors[name]
             np_dtype, _ = DTYPES[t.location.dtype]
-            buf = bufs[name] = self._stage(name, len(experts), np_dtype)
+            kind = (t.expert_shape, t.location.dtype)
+            taken[kind] = taken.get(kind, -1) + 1
+            buf = bufs[name] = self._stage((*kind, taken[kind]), len(experts), np_dtype)
             raw = buf.reshape(-1).view(np.uint8).data
             fd, size = self._fds[t.location.file], t.expert_bytes
             for i, e in enumerate(experts):
@@ -169,13 +172,15 @@ class ExpertStore:
             out[name] = array.view(mx_dtype) if array.dtype != mx_dtype else array
         return out
 
-    def _stage(self, name: str, experts: int, dtype: type[np.generic]) -> np.ndarray[Any, Any]:
-        shape = (experts, *self.tensors[name].expert_shape)
+    def _stage(self, key: tuple[Any, ...], experts: int, dtype: type[np.generic]) -> np.ndarray[Any, Any]:
+        """A buffer for `experts` rows of shape key[0]; the same one for every layer (reads never
+        overlap), so the store holds a few buffers whatever the model's depth."""
+        shape = (experts, *key[0])
         if experts > STAGED_EXPERTS:  # a long prompt's load: a one-off buffer
             return np.empty(shape, dtype=dtype)
-        buf = self._staging.get(name)
+        buf = self._staging.get(key)
         if buf is None:
-            buf = self._staging[name] = np.empty((STAGED_EXPERTS, *shape[1:]), dtype=dtype)
+            buf = self._staging[key] = np.empty((STAGED_EXPERTS, *shape[1:]), dtype=dtype)
         return buf[:experts]
 
     def __enter__(self) -> ExpertStore:
