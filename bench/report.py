@@ -176,7 +176,7 @@ def sidecar_overhead(result: dict[str, Any], source: str) -> str:
 
 
 def _met(t: dict[str, Any]) -> str:
-    return "met" if t["pass"] else "**missed**"
+    return "n/a" if t["pass"] is None else "met" if t["pass"] else "**missed**"
 
 
 def _about(m: dict[str, Any]) -> str:
@@ -420,6 +420,8 @@ def expert_streaming(result: dict[str, Any], source: str) -> str:
         f"| stock mlx-lm in the cgroup | {s['stock_in_cgroup']} | record it |",
         f"| ours in the cgroup: decode | {s['ours_streamed_tok_s']:.3f} tok/s, {b['experts_per_layer']} of "
         f"{b['of_experts_per_layer']} experts per layer | |",
+        f"| ours in the cgroup: memory | RSS {_gb(s['streamed_memory']['rss_bytes'])} "
+        f"(planned {_gb(s['planned_bytes'])}: other weights, expert budget, runtime) | |",
         f"| hit rate h; bytes read per token | {s['hit_rate']:.1%}; {s['bytes_read_per_token'] / 1e6:.0f} MB "
         f"(B_expert {s['b_expert_bytes'] / 1e6:.0f} MB) | |",
         f"| t_resident; t_bound; t_actual (s/token) | {s['t_resident_s']:.2f}; {s['t_bound_s']:.2f}; "

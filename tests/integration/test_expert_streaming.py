@@ -4,6 +4,8 @@ all of them, and across a live shrink and grow in the middle of a generation."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,39 @@ def test_a_live_shrink_and_grow_mid_generation_keeps_the_output(tmp_path: Path, 
                 streamer.set_budget(budgets[i] * streamer.unit_bytes)
                 assert streamer.capacity == budgets[i]
     assert got == want
+
+
+def test_a_resize_does_not_wait_for_the_work_in_flight(tmp_path: Path) -> None:
+    """The memory follower resizes from its own thread while the engine has long operations queued:
+    MLX would hold any evaluation from that thread back until one of them finishes (seconds, for a
+    CPU's LM head), so a resize must not evaluate anything."""
+    path = quantize_checkpoint(build_model("qwen3_moe", tmp_path / "moe"))
+    model, tokenizer = load(str(path))
+    want = greedy(model, tokenizer)
+    model, tokenizer, streamer = streamed(path, 6)
+    with streamer:
+        greedy(model, tokenizer)
+        a = mx.random.normal((768, 768)) / 30
+        mx.eval(a)
+        busy = [a @ a for _ in range(20)]  # more operations in flight than MLX lets run unthrottled
+        took: list[float] = []
+
+        def resize() -> None:
+            for experts in (2, 5, 8, 3):
+                started = time.perf_counter()
+                streamer.set_budget(experts * streamer.unit_bytes)
+                took.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        mx.async_eval(busy)
+        thread = threading.Thread(target=resize)
+        thread.start()
+        thread.join(60)
+        mx.eval(busy)
+        busy_s = time.perf_counter() - started
+        assert len(took) == 4 and max(took) < 0.2 * busy_s, (took, busy_s)
+        assert streamer.capacity == 3
+        assert greedy(model, tokenizer) == want
 
 
 def test_checkpoints_not_saved_by_mlx_lm_are_refused(tmp_path: Path) -> None:

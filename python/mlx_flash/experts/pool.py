@@ -25,7 +25,7 @@ import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
 from mlx_flash.experts.policy import make_policy
-from mlx_flash.experts.store import ExpertStore
+from mlx_flash.experts.store import DTYPES, ExpertStore, host_array
 
 # The per-expert arrays of SwitchLinear / QuantizedSwitchLinear (mlx-lm names).
 EXPERT_ARRAYS = ("weight", "scales", "biases", "bias", "global_scale")
@@ -107,6 +107,9 @@ class ExpertPool:
         self.slot_of = np.arange(self.num_experts, dtype=np.int32)
         self.free: list[int] = []
         self.lookup = mx.array(self.slot_of)
+        self.dtypes = {a.tensor: store.tensors[a.tensor].location.dtype for a in arrays}
+        # A resize ran off the engine thread: `settle` finishes it on the engine thread.
+        self.unsettled = False
 
     @property
     def resident_bytes(self) -> int:
@@ -169,7 +172,12 @@ class ExpertPool:
 
     def resize(self, capacity: int) -> None:
         """Hold `capacity` experts from now on (all of them: back to mlx-lm's own layout). Output never
-        changes; what is dropped is read again when needed."""
+        changes; what is dropped is read again when needed.
+
+        Resizing runs on whatever thread follows memory pressure, so it copies rows on the host (the
+        arrays are in unified or CPU memory) instead of queueing MLX operations: an MLX evaluation from
+        a second thread waits while the engine has many operations in flight, for as long as the one
+        running takes (seconds for a CPU's LM head), and memory has to be freed now."""
         capacity = max(1, min(capacity, self.num_experts))
         if capacity == self.capacity and not (capacity == self.num_experts and not self.full):
             return
@@ -178,42 +186,58 @@ class ExpertPool:
             return
         self.policy.resize(capacity)
         keep = sorted(self.policy.resident)
-        keep_slots = mx.array(self.slot_of[keep]) if keep else None
-        grow = capacity - len(keep)
         for a in self.arrays:
-            old = a.module[a.attribute]
-            kept = old[keep_slots] if keep_slots is not None else old[:0]
-            pad = mx.zeros((grow, *old.shape[1:]), dtype=old.dtype)
-            a.module[a.attribute] = mx.concatenate([kept, pad]) if grow else kept
-            mx.eval(a.module[a.attribute])  # one array at a time: the old one goes before the next
-            del old, kept
+            old = host_array(a.module[a.attribute], self.dtypes[a.tensor])
+            rows = np.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
+            rows[: len(keep)] = old[self.slot_of[keep]]
+            del old
+            self._hold(a, rows)  # one array at a time: the old one goes before the next
         self.slot_of[:] = -1
         self.slot_of[keep] = np.arange(len(keep), dtype=np.int32)
         self.free = list(range(capacity - 1, len(keep) - 1, -1))
-        self.full, self.capacity = False, capacity
+        self.full, self.capacity, self.unsettled = False, capacity, True
         self.lookup = mx.array(self.slot_of)
 
     def _become_full(self) -> None:
         missing = [e for e in range(self.num_experts) if self.slot_of[e] < 0]
+        resident = [e for e in range(self.num_experts) if self.slot_of[e] >= 0]
         started = time.perf_counter()
-        data = self.store.read([a.tensor for a in self.arrays], missing) if missing else {}
+        data = self.store.read_host([a.tensor for a in self.arrays], missing) if missing else {}
         self.counters.read_seconds += time.perf_counter() - started
         self.counters.bytes_read += len(missing) * self.expert_bytes
-        order = np.zeros(self.num_experts, dtype=np.int32)  # expert e's row in [slots; missing]
-        resident = [e for e in range(self.num_experts) if self.slot_of[e] >= 0]
-        order[resident] = self.slot_of[resident]
-        order[missing] = self.capacity + np.arange(len(missing), dtype=np.int32)
         for a in self.arrays:
-            old = a.module[a.attribute]
-            rows = mx.concatenate([old, data[a.tensor]]) if missing else old
-            a.module[a.attribute] = rows[mx.array(order)]
-            mx.eval(a.module[a.attribute])
-            del old, rows
+            old = host_array(a.module[a.attribute], self.dtypes[a.tensor])
+            rows = np.empty((self.num_experts, *old.shape[1:]), dtype=old.dtype)
+            rows[resident] = old[self.slot_of[resident]]
+            if missing:
+                rows[missing] = data[a.tensor]
+            del old
+            self._hold(a, rows)
         self.policy.resize(self.num_experts)
         self.policy.resident = set(range(self.num_experts))
         self.full, self.capacity, self.free = True, self.num_experts, []
         self.slot_of = np.arange(self.num_experts, dtype=np.int32)
         self.lookup = mx.array(self.slot_of)
+        self.unsettled = True
+
+    def _hold(self, a: ExpertArray, rows: np.ndarray[Any, Any]) -> None:
+        """`rows` become the layer's array `a` (raw bits where its dtype needs a view)."""
+        a.module[a.attribute] = mx.array(rows)
+
+    def settle(self) -> None:
+        """On the engine thread, before a pass: view the raw bits a resize left as the layer's dtypes
+        (an MLX operation belongs to the thread that made it), and return what it freed from MLX's
+        buffer cache (`clear_cache` holds the GIL while the engine has work in flight, and here the
+        engine has just waited for its router: nothing is)."""
+        if not self.unsettled:
+            return
+        for a in self.arrays:
+            held, dtype = a.module[a.attribute], DTYPES[self.dtypes[a.tensor]][1]
+            if held.dtype != dtype:
+                a.module[a.attribute] = held.view(dtype)
+        mx.eval([a.module[a.attribute] for a in self.arrays])
+        mx.clear_cache()
+        self.unsettled = False
 
 
 class StreamedExperts(nn.Module):  # type: ignore[misc,name-defined]  # mlx.nn has no type information
@@ -232,6 +256,7 @@ class StreamedExperts(nn.Module):  # type: ignore[misc,name-defined]  # mlx.nn h
         # for a forward pass, only for a layer's reads.
         ids = None if pool.full else np.array(indices)
         with pool.lock:
+            pool.settle()
             if pool.full:
                 return self.inner(x, indices)  # type: ignore[no-any-return]
             if ids is None:  # the pool left the full layout meanwhile

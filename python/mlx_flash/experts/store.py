@@ -139,7 +139,14 @@ class ExpertStore:
         return sum(self.tensors[n].expert_bytes for n in (self.tensors if names is None else names))
 
     def read(self, names: Sequence[str], experts: Sequence[int]) -> dict[str, mx.array]:
-        """The rows of `experts` of each tensor in `names`, stacked: shape (len(experts), *expert_shape).
+        """The rows of `experts` of each tensor in `names`, stacked: shape (len(experts), *expert_shape)."""
+        return {
+            name: device_array(buf, self.tensors[name].location.dtype)
+            for name, buf in self.read_host(names, experts).items()
+        }
+
+    def read_host(self, names: Sequence[str], experts: Sequence[int]) -> dict[str, np.ndarray[Any, Any]]:
+        """`read` into host buffers (bf16 as uint16 bits), valid until the next read.
 
         Every read of every tensor is in flight at once; the bytes then leave the page cache (we hold
         them), where the OS lets us say so. Calls must not overlap (the pools hold their model's lock)."""
@@ -165,12 +172,8 @@ class ExpertStore:
         if hasattr(os, "posix_fadvise"):
             for fd, start, size in spans:
                 os.posix_fadvise(fd, start, size, os.POSIX_FADV_DONTNEED)
-        out = {}
-        for name, buf in bufs.items():
-            self.bytes_read += buf.nbytes
-            array, mx_dtype = mx.array(buf), DTYPES[self.tensors[name].location.dtype][1]
-            out[name] = array.view(mx_dtype) if array.dtype != mx_dtype else array
-        return out
+        self.bytes_read += sum(buf.nbytes for buf in bufs.values())
+        return bufs
 
     def _stage(self, key: tuple[Any, ...], experts: int, dtype: type[np.generic]) -> np.ndarray[Any, Any]:
         """A buffer for `experts` rows of shape key[0]; the same one for every layer (reads never
@@ -194,6 +197,20 @@ class ExpertStore:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def host_array(array: mx.array, dtype: str) -> np.ndarray[Any, Any]:
+    """The bytes of an evaluated array of safetensors `dtype`, in place (bf16 as uint16 bits). Unlike
+    an MLX operation, this never waits behind the work queued by another thread."""
+    host: np.ndarray[Any, Any] = np.frombuffer(array, dtype=DTYPES[dtype][0])  # type: ignore[call-overload]
+    return host.reshape(array.shape)
+
+
+def device_array(host: np.ndarray[Any, Any], dtype: str) -> mx.array:
+    """A copy of `host` as an array of safetensors `dtype` (bf16 bits viewed as bfloat16, lazily: the
+    view is an MLX operation, to be evaluated on the thread that uses the array)."""
+    array, mx_dtype = mx.array(host), DTYPES[dtype][1]
+    return array.view(mx_dtype) if array.dtype != mx_dtype else array
 
 
 def _open_uncached(path: Path) -> int:

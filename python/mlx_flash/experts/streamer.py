@@ -19,8 +19,6 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-
 from mlx_flash import memory
 from mlx_flash.config import parse_bytes
 from mlx_flash.experts.pool import Counters, ExpertPool, StreamedExperts, expert_arrays, moe_layers
@@ -155,13 +153,12 @@ class ExpertStreamer:
             return
         log.info(
             "resizing expert pools",
-            extra={"model": self.model_id, "from": self.capacity, "to": capacity, "per_layer": True},
+            extra={"model": self.model_id, "from": self.capacity, "to": capacity},
         )
         for pool in self.pools:  # layer by layer: the engine runs between them
             with self.lock:
                 pool.resize(capacity)
         gc.collect()
-        mx.clear_cache()
 
     def follow(self, floor: int) -> None:
         """Track memory pressure on a thread until `close()`: below SHRINK_BELOW_FREE free the pools
