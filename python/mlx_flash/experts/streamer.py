@@ -159,6 +159,7 @@ class ExpertStreamer:
             with self.lock:
                 pool.resize(capacity)
         gc.collect()
+        memory.give_back()
 
     def follow(self, floor: int) -> None:
         """Track memory pressure on a thread until `close()`: below SHRINK_BELOW_FREE free the pools

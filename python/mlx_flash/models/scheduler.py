@@ -416,6 +416,7 @@ def _release(engines: list[Engine]) -> None:
     del engine
     gc.collect()
     mx.clear_cache()
+    memory.give_back()
 
 
 def _open(
