@@ -381,13 +381,13 @@ def routing(result: dict[str, Any], source: str) -> str:
 def expert_policy(result: dict[str, Any], source: str) -> str:
     tr, t = result["trace"], result["summary"]["targets"]["within_5_points"]
     rows = [
-        "| experts cached per layer | LRU | LFU | decay | Belady (optimum) |",
-        "|---|---:|---:|---:|---:|",
+        "| experts cached per layer | LRU | LFU | decay | best fixed set (hindsight) | Belady (optimum) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in result["replay"]:
         rows.append(
             f"| {r['capacity']} of {tr['experts_per_layer']} | {r['lru']:.1%} | {r['lfu']:.1%} "
-            f"| {r['decay']:.1%} | {r['belady']:.1%} |"
+            f"| {r['decay']:.1%} | {r['static']:.1%} | {r['belady']:.1%} |"
         )
     rows += [
         "",

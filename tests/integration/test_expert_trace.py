@@ -54,6 +54,7 @@ def test_a_worker_records_and_the_cli_replays(tmp_path: Path) -> None:
         assert all(row[p] <= row["belady"] + 1e-9 for p in ("lru", "lfu", "decay"))
         if row["capacity"] == 8:  # every expert fits: only first uses miss, whatever the policy
             assert row["lru"] == row["belady"] == pytest.approx(1 - first_uses / uses, abs=1e-4)
+            assert row["static"] == 1.0  # a fixed set is never loaded: hindsight's bound
     done = subprocess.run(
         [sys.executable, "-m", "mlx_flash.cli", "experts", "replay", str(path), "--capacity", "0.25,0.5"],
         capture_output=True,

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from mlx_flash.experts.policy import LRU, POLICIES, belady_hit_rate, hit_rate, make_policy
+from mlx_flash.experts.policy import LRU, POLICIES, belady_hit_rate, hit_rate, make_policy, static_hit_rate
 
 
 def decode(passes: list[list[int]]) -> list[tuple[bool, list[int]]]:
@@ -54,6 +54,12 @@ def test_no_policy_beats_belady(seed: int) -> None:
         for name in POLICIES:
             assert hit_rate(decode(passes), make_policy(name, capacity)) <= best + 1e-12
     assert belady_hit_rate(passes, 16) == pytest.approx(1 - 16 / 600, abs=0.03)  # only first uses miss
+
+
+def test_the_best_fixed_set_holds_the_most_used_experts() -> None:
+    passes = [[0, 1], [0, 2], [0, 1, 1], [3]]  # uses: 0 three times, 1 twice (once per pass), 2 and 3 once
+    assert static_hit_rate(passes, 2) == pytest.approx(5 / 7)
+    assert static_hit_rate(passes, 4) == 1.0 and static_hit_rate([], 2) == 1.0
 
 
 def test_a_prompt_chunk_does_not_flush_what_decoding_uses() -> None:

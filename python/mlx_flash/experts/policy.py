@@ -11,7 +11,7 @@ decoding: its hits leave the policy's order unchanged and its misses enter as th
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -186,3 +186,11 @@ def belady_hit_rate(passes: Sequence[Sequence[int]], capacity: int) -> float:
                 resident.discard(max(resident - keep, key=next_use))
             resident.add(e)
     return hits / uses if uses else 1.0
+
+
+def static_hit_rate(passes: Sequence[Sequence[int]], capacity: int) -> float:
+    """Hindsight's best fixed set: the `capacity` experts used most over all the passes, never evicted.
+    What frequency alone can reach; Belady's optimum beyond it is what knowing the order buys."""
+    uses = Counter(e for needed in passes for e in dict.fromkeys(needed))
+    total = sum(uses.values())
+    return sum(n for _, n in uses.most_common(capacity)) / total if total else 1.0

@@ -14,7 +14,7 @@ import fcntl
 import json
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,27 +139,34 @@ class ExpertStore:
         return sum(self.tensors[n].expert_bytes for n in (self.tensors if names is None else names))
 
     def read(self, names: Sequence[str], experts: Sequence[int]) -> dict[str, mx.array]:
-        """The rows of `experts` of each tensor in `names`, stacked: shape (len(experts), *expert_shape)."""
+        """The rows of `experts` of each tensor in `names`, stacked: shape (len(experts), *expert_shape).
+        Each tensor is copied into MLX as soon as its reads are done, while the others' still run."""
         return {
             name: device_array(buf, self.tensors[name].location.dtype)
-            for name, buf in self.read_host(names, experts).items()
+            for name, buf in self._reads(names, experts)
         }
 
     def read_host(self, names: Sequence[str], experts: Sequence[int]) -> dict[str, np.ndarray[Any, Any]]:
-        """`read` into host buffers (bf16 as uint16 bits), valid until the next read.
+        """`read` into host buffers (bf16 as uint16 bits), valid until the next read."""
+        return dict(self._reads(names, experts))
 
-        Every read of every tensor is in flight at once; the bytes then leave the page cache (we hold
-        them), where the OS lets us say so. Calls must not overlap (the pools hold their model's lock)."""
-        bufs, jobs, spans = {}, [], []
+    def _reads(
+        self, names: Sequence[str], experts: Sequence[int]
+    ) -> Iterator[tuple[str, np.ndarray[Any, Any]]]:
+        """Every read of every tensor in flight at once; then each tensor's buffer, in order, once its
+        reads are done and its bytes have left the page cache (we hold them), where the OS lets us say
+        so. Calls must not overlap (the pools hold their model's lock)."""
+        started = []
         taken: dict[tuple[Any, ...], int] = {}  # buffers of each shape this call uses
         for name in names:
             t = self.tensors[name]
             np_dtype, _ = DTYPES[t.location.dtype]
             kind = (t.expert_shape, t.location.dtype)
             taken[kind] = taken.get(kind, -1) + 1
-            buf = bufs[name] = self._stage((*kind, taken[kind]), len(experts), np_dtype)
+            buf = self._stage((*kind, taken[kind]), len(experts), np_dtype)
             raw = buf.reshape(-1).view(np.uint8).data
             fd, size = self._fds[t.location.file], t.expert_bytes
+            jobs, spans = [], []
             for i, e in enumerate(experts):
                 start = t.offset(e)
                 spans.append((fd, start, size))
@@ -167,13 +174,15 @@ class ExpertStore:
                     n = min(MAX_READ, size - part)
                     into = raw[i * size + part : i * size + part + n]
                     jobs.append(self._pool.submit(_read_exact, fd, into, start + part))
-        for job in jobs:
-            job.result()
-        if hasattr(os, "posix_fadvise"):
-            for fd, start, size in spans:
-                os.posix_fadvise(fd, start, size, os.POSIX_FADV_DONTNEED)
-        self.bytes_read += sum(buf.nbytes for buf in bufs.values())
-        return bufs
+            started.append((name, buf, jobs, spans))
+        for name, buf, jobs, spans in started:
+            for job in jobs:
+                job.result()
+            if hasattr(os, "posix_fadvise"):
+                for fd, start, size in spans:
+                    os.posix_fadvise(fd, start, size, os.POSIX_FADV_DONTNEED)
+            self.bytes_read += buf.nbytes
+            yield name, buf
 
     def _stage(self, key: tuple[Any, ...], experts: int, dtype: type[np.generic]) -> np.ndarray[Any, Any]:
         """A buffer for `experts` rows of shape key[0]; the same one for every layer (reads never

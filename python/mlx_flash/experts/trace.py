@@ -6,7 +6,8 @@ line per forward pass of a MoE layer (B: a prompt chunk), one list per token of 
 they ran. Replay serves it as the pools do: each pass asks for its experts once, a prompt chunk's as
 bulk (they must not flush what decoding uses), in groups no larger than the pool.
 
-    mlx-flash experts replay TRACE [--model M] [--capacity 0.25,0.5]   hit rates per policy and Belady's
+    mlx-flash experts replay TRACE [--model M] [--capacity 0.25,0.5]   hit rates per policy, the best
+                                                                       fixed set and Belady's
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_flash.experts.policy import POLICIES, belady_hit_rate, hit_rate, make_policy
+from mlx_flash.experts.policy import POLICIES, belady_hit_rate, hit_rate, make_policy, static_hit_rate
 from mlx_flash.experts.pool import is_bulk, moe_layers
 
 
@@ -91,17 +92,20 @@ def accesses(passes: list[Pass], capacity: int) -> list[tuple[bool, list[int]]]:
 
 
 def replay(trace: Trace, capacity: int) -> dict[str, float]:
-    """Hit rate of each policy and of Belady's optimum at `capacity` experts per layer, over all layers
-    (hits / expert uses, an expert counted once per pass that needs it)."""
+    """Hit rate of each policy, of hindsight's best fixed set and of Belady's optimum at `capacity`
+    experts per layer, over all layers (hits / expert uses, an expert counted once per pass that
+    needs it)."""
     per_layer = {layer: accesses(passes, capacity) for layer, passes in trace.items()}
     uses = {layer: sum(len(g) for _, g in groups) for layer, groups in per_layer.items()}
     total = sum(uses.values())
     rates: dict[str, float] = {}
-    for name in (*POLICIES, "belady"):
+    for name in (*POLICIES, "static", "belady"):
         hits = 0.0  # each layer's hit rate weighted by its expert uses
         for layer, groups in per_layer.items():
             if name == "belady":
                 rate = belady_hit_rate([g for _, g in groups], capacity)
+            elif name == "static":
+                rate = static_hit_rate([g for _, g in groups], capacity)
             else:
                 rate = hit_rate(groups, make_policy(name, capacity))
             hits += rate * uses[layer]
@@ -149,7 +153,8 @@ def main(argv: list[str]) -> int:
         p.error(str(e))
     passes = len(next(iter(trace.values()), []))
     print(f"{len(trace)} layers, {num_experts(trace)} experts, {num_tokens(trace)} tokens in {passes} passes")  # noqa: T201
-    print("capacity  " + "  ".join(f"{k:>7s}" for k in (*POLICIES, "belady")))  # noqa: T201
+    columns = (*POLICIES, "static", "belady")
+    print("capacity  " + "  ".join(f"{k:>7s}" for k in columns))  # noqa: T201
     for row in report(trace, sizes):
-        print(f"{row['capacity']:8d}  " + "  ".join(f"{row[k]:7.1%}" for k in (*POLICIES, "belady")))  # noqa: T201
+        print(f"{row['capacity']:8d}  " + "  ".join(f"{row[k]:7.1%}" for k in columns))  # noqa: T201
     return 0
