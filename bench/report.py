@@ -397,7 +397,8 @@ def expert_policy(result: dict[str, Any], source: str) -> str:
         f"{result['settings']['conversations']} served conversations, recorded with `--expert-trace`), "
         "replayed as the pools serve it: a pass asks for its experts once, a prompt's as bulk, in groups "
         "no larger than the pool (a prompt touching all 8 experts must load half of them at 4 slots, "
-        "whatever the policy). "
+        "whatever the policy). The best fixed set is hindsight's most-used experts per layer, held "
+        "from the start and never loaded: a bound on choosing by frequency, not a reachable policy. "
         f"{_machine(result['machine'])}; {result.get('started', '')}. "
         f"Source: `{source}`, made by `{_command(result)}`.",
     ]
