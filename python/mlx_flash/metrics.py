@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Iterator
 
-from prometheus_client import Counter, Gauge, Histogram
+import platform
+
+import mlx.core as mx
+from prometheus_client import Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
-from mlx_flash import memory
+from mlx_flash import __version__, memory
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
-REQUESTS = Counter("mlx_flash_requests", "HTTP requests answered", ["route", "status"])
+REQUESTS = Counter("mlx_flash_requests", "HTTP requests answered", ["api", "route", "status"])
 REQUEST_SECONDS = Histogram(
     "mlx_flash_request_duration_seconds", "End-to-end request time", ["route"], buckets=LATENCY_BUCKETS
 )
-REQUESTS_IN_FLIGHT = Gauge("mlx_flash_requests_in_flight", "Requests queued or generating", ["model"])
+REQUESTS_WAITING = Gauge("mlx_flash_requests_waiting", "Requests queued for a model's batch", ["model"])
+REQUESTS_RUNNING = Gauge("mlx_flash_requests_running", "Requests in a model's batch", ["model"])
+ERRORS = Counter(
+    "mlx_flash_errors",
+    "Requests refused or failed, by reason (the error code clients see, or generation, shutdown)",
+    ["reason"],
+)
 QUEUE_SECONDS = Histogram(
     "mlx_flash_queue_time_seconds",
     "Time from submission to generation start",
@@ -27,6 +37,18 @@ QUEUE_SECONDS = Histogram(
 TTFT_SECONDS = Histogram(
     "mlx_flash_time_to_first_token_seconds",
     "Time from submission to the first token",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+PREFILL_SECONDS = Histogram(
+    "mlx_flash_prefill_seconds",
+    "Time from generation start to the first token (reading the uncached prompt)",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+DECODE_SECONDS = Histogram(
+    "mlx_flash_decode_seconds",
+    "Time from the first token to the last",
     ["model"],
     buckets=LATENCY_BUCKETS,
 )
@@ -63,6 +85,7 @@ PREFIX_CACHE_BYTES = Gauge(
 )
 PROMPT_TOKENS = Counter("mlx_flash_prompt_tokens", "Prompt tokens processed", ["model"])
 GENERATION_TOKENS = Counter("mlx_flash_generation_tokens", "Tokens generated", ["model"])
+MODELS_LOADED = Gauge("mlx_flash_models_loaded", "Models loaded in this worker")
 MODEL_WEIGHT_BYTES = Gauge("mlx_flash_model_weight_bytes", "Weight bytes of loaded models", ["model"])
 MODEL_LOAD_SECONDS = Gauge("mlx_flash_model_load_seconds", "Time the last load of a model took", ["model"])
 
@@ -83,6 +106,18 @@ ADMISSION_WAIT_SECONDS = Histogram(
 )
 ADMISSION_REJECTED = Counter(
     "mlx_flash_admission_rejected", "Requests refused with 503, by reason (queue_full, timeout)", ["reason"]
+)
+for _reason in ("queue_full", "timeout"):  # both series exist from the start, at zero
+    ADMISSION_REJECTED.labels(reason=_reason)
+
+BUILD = Info("mlx_flash_build", "What this worker runs: versions of mlx-flash, MLX, mlx-lm and Python")
+BUILD.info(
+    {
+        "version": __version__,
+        "mlx": importlib.metadata.version("mlx"),
+        "mlx_lm": importlib.metadata.version("mlx-lm"),
+        "python": platform.python_version(),
+    }
 )
 
 PRESSURE_LEVELS = {"normal": 0, "warning": 1, "critical": 2}
@@ -110,6 +145,19 @@ class MemoryCollector(Collector):
             "Memory pressure: 0 normal, 1 warning, 2 critical",
             value=PRESSURE_LEVELS[snap["pressure"]],
         )
+        yield GaugeMetricFamily(
+            "mlx_flash_memory_used_bytes", "Memory in use on the host", value=snap["used_bytes"]
+        )
+        yield GaugeMetricFamily(
+            "mlx_flash_memory_swap_used_bytes", "Swap in use on the host", value=snap["swap_used_bytes"]
+        )
+        mlx = {
+            "active": ("Bytes of MLX arrays alive", mx.get_active_memory),
+            "peak": ("Most bytes of MLX arrays alive at once since the start", mx.get_peak_memory),
+            "cache": ("Bytes MLX keeps freed for reuse (its buffer cache)", mx.get_cache_memory),
+        }
+        for name, (doc, read) in mlx.items():
+            yield GaugeMetricFamily(f"mlx_flash_mlx_{name}_bytes", doc, value=read())
 
 
 class ExpertCollector(Collector):

@@ -59,7 +59,17 @@ from mlx_flash.worker_state import WorkerState
 log = logging.getLogger("mlx_flash.worker")
 
 UNAUTHENTICATED = {"/health", "/ready"}
-ROUTE_LABELS = {"/chat/completions", "/completions", "/models", "/health", "/ready", "/metrics"}
+# Route -> the API it belongs to (the `api` label); every other route is "other".
+ROUTE_APIS = {
+    "/chat/completions": "openai",
+    "/completions": "openai",
+    "/models": "openai",
+    "/models/{model}": "openai",
+    "/health": "server",
+    "/ready": "server",
+    "/metrics": "server",
+    "/admin": "admin",
+}
 
 
 def route_label(path: str) -> str:
@@ -69,7 +79,7 @@ def route_label(path: str) -> str:
     path = path.removeprefix("/v1")
     if path.startswith("/models/"):
         return "/models/{model}"
-    return path if path in ROUTE_LABELS else "other"
+    return path if path in ROUTE_APIS else "other"
 
 
 class Observe:
@@ -104,7 +114,8 @@ class Observe:
         finally:
             route = route_label(scope["path"])
             elapsed = time.perf_counter() - start
-            metrics.REQUESTS.labels(route=route, status=str(status)).inc()
+            api = ROUTE_APIS.get(route, "other")
+            metrics.REQUESTS.labels(api=api, route=route, status=str(status)).inc()
             metrics.REQUEST_SECONDS.labels(route=route).observe(elapsed)
             if route not in ("/health", "/ready", "/metrics"):
                 log.info(

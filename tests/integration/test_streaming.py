@@ -78,7 +78,7 @@ def test_client_disconnect_stops_generation(slow_worker: Worker) -> None:
                 if received == 5:
                     break  # leaving the block closes the connection
     deadline = time.monotonic() + 10
-    while slow_worker.metric("mlx_flash_requests_in_flight", model=model) > 0:
+    while slow_worker.metric("mlx_flash_requests_running", model=model) > 0:
         assert time.monotonic() < deadline, "generation kept running after the client left"
         time.sleep(0.05)
     generated = slow_worker.metric("mlx_flash_generation_tokens_total", model=model) - before
@@ -166,7 +166,7 @@ def test_non_stream_client_disconnect_stops_generation(slow_worker: Worker) -> N
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{slow_worker.url}/v1/completions", json=body, timeout=1.0)  # gives up, disconnects
     deadline = time.monotonic() + 10
-    while slow_worker.metric("mlx_flash_requests_in_flight", model=model) > 0:
+    while slow_worker.metric("mlx_flash_requests_running", model=model) > 0:
         assert time.monotonic() < deadline, "generation kept running after the client left"
         time.sleep(0.05)
     generated = slow_worker.metric("mlx_flash_generation_tokens_total", model=model) - before

@@ -71,6 +71,8 @@ def test_health_ready_and_metrics(demo_worker: Worker) -> None:
     assert httpx.get(f"{url}/ready", timeout=10).json() == {"status": "ready", "models": ["demo"]}
     c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
     c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "Hi"}])
     text = httpx.get(f"{url}/metrics", timeout=10).text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     for name in (
@@ -78,12 +80,23 @@ def test_health_ready_and_metrics(demo_worker: Worker) -> None:
         "mlx_flash_inter_token_latency_seconds",
         "mlx_flash_request_duration_seconds",
         "mlx_flash_queue_time_seconds",
+        "mlx_flash_prefill_seconds",
+        "mlx_flash_decode_seconds",
     ):
         assert families[name].type == "histogram"
     assert families["mlx_flash_memory_available_bytes"].samples[0].value > 0
-    routes = {s.labels["route"] for s in families["mlx_flash_requests"].samples}
-    assert "/chat/completions" in routes and not any("demo" in r for r in routes)
+    requests = families["mlx_flash_requests"].samples
+    assert {(s.labels["api"], s.labels["route"]) for s in requests} >= {("openai", "/chat/completions")}
+    assert not any("demo" in s.labels["route"] for s in requests)
     assert demo_worker.metric("mlx_flash_generation_tokens_total", model="demo") > 0
+    assert demo_worker.metric("mlx_flash_prefill_seconds_count", model="demo") >= 1
+    assert demo_worker.metric("mlx_flash_errors_total", reason="model_not_found") >= 1
+    assert demo_worker.metric("mlx_flash_requests_running", model="demo") == 0
+    assert demo_worker.metric("mlx_flash_requests_waiting", model="demo") == 0
+    assert demo_worker.metric("mlx_flash_models_loaded") == 1
+    assert demo_worker.metric("mlx_flash_mlx_active_bytes") > 0
+    build = families["mlx_flash_build"].samples[0]
+    assert build.labels["version"] and build.labels["mlx"] and build.value == 1
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from mlx_flash import metrics
 from mlx_flash.api.body import read_json_object
 from mlx_flash.api.errors import (
     ApiError,
@@ -45,6 +46,7 @@ def error_body(err: ApiError) -> dict[str, Any]:
 
 
 def error_response(err: ApiError) -> JSONResponse:
+    metrics.ERRORS.labels(reason=err.code or err.type).inc()
     return JSONResponse(error_body(err), status_code=err.status, headers=err.headers())
 
 

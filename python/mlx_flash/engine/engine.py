@@ -21,7 +21,6 @@ import mlx.core as mx
 from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, BatchGenerator, GenerationBatch, generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import LogitsProcessor, Sampler, make_logits_processors, make_sampler
-from prometheus_client import Gauge
 
 from mlx_flash import metrics
 from mlx_flash.config import DEFAULT_PREFILL_BUDGET, DEFAULT_PREFILL_STEP, DEFAULT_PREFIX_CACHE_BYTES
@@ -117,7 +116,7 @@ class Engine:
         self.token_bytes = TokenBytes(loaded.tokenizer)
         self.vocab_size = int(loaded.config.get("vocab_size") or len(loaded.tokenizer))
         self._jobs: queue.Queue[RequestHandle | None] = queue.Queue()
-        self._in_flight = metrics.REQUESTS_IN_FLIGHT.labels(model=loaded.id)
+        self._waiting = metrics.REQUESTS_WAITING.labels(model=loaded.id)
         self._chunk_tokens = metrics.PREFILL_CHUNK_TOKENS.labels(model=loaded.id)
         run = self._run_serial if kv_quantization else self._run
         self._thread = threading.Thread(target=run, name=f"engine:{loaded.id}", daemon=True)
@@ -126,7 +125,7 @@ class Engine:
     def submit(self, request: GenerationRequest, on_close: Callable[[], None] | None = None) -> RequestHandle:
         """Queue a request; `on_close` runs on the event loop when the engine is done with it."""
         handle = RequestHandle(request, asyncio.get_running_loop(), on_close)
-        self._in_flight.inc()
+        self._waiting.inc()
         self._jobs.put(handle)
         return handle
 
@@ -158,7 +157,7 @@ class Engine:
             for handle in jobs:
                 if handle is None:
                     for stream in streams.values():
-                        stream.fail("the server is shutting down")
+                        stream.fail("the server is shutting down", "shutdown")
                     generator.close()  # type: ignore[no-untyped-call]
                     return
                 self._admit(generator, streams, handle)
@@ -217,8 +216,8 @@ class Engine:
             handle = self._jobs.get()
             if handle is None:
                 return
+            self._waiting.dec()
             if handle.cancelled:
-                self._in_flight.dec()
                 handle.closed()
                 continue
             self._generate_one(handle)
@@ -228,9 +227,7 @@ class Engine:
         assert q is not None
         cache, rest = self.prefix_cache.fetch(req.prompt_tokens)
         cache = cache or make_prompt_cache(self.loaded.model)
-        stream = _Stream(handle, self, self._in_flight, len(req.prompt_tokens) - len(rest))
-        metrics.QUEUE_SECONDS.labels(model=self.loaded.id).observe(time.perf_counter() - handle.submitted)
-        metrics.PROMPT_TOKENS.labels(model=self.loaded.id).inc(len(req.prompt_tokens))
+        stream = _Stream(handle, self, len(req.prompt_tokens) - len(rest))
         tokens = list(req.prompt_tokens)
         eos = set(self.loaded.tokenizer.eos_token_ids)
         steps = generate_step(
@@ -270,8 +267,8 @@ class Engine:
             self.prefix_cache.store(tokens, cache)
 
     def _admit(self, generator: BatchGenerator, streams: dict[int, _Stream], handle: RequestHandle) -> None:
+        self._waiting.dec()
         if handle.cancelled:
-            self._in_flight.dec()
             handle.closed()
             return
         req = handle.request
@@ -289,14 +286,11 @@ class Engine:
             )
         except Exception:
             log.exception("could not start generation", extra={"model": self.loaded.id})
+            metrics.ERRORS.labels(reason="generation").inc()
             handle.emit(Failed("internal error during generation"))
-            self._in_flight.dec()
             handle.closed()
             return
-        model_id = self.loaded.id
-        metrics.QUEUE_SECONDS.labels(model=model_id).observe(time.perf_counter() - handle.submitted)
-        metrics.PROMPT_TOKENS.labels(model=model_id).inc(len(req.prompt_tokens))
-        streams[uid] = _Stream(handle, self, self._in_flight, cached)
+        streams[uid] = _Stream(handle, self, cached)
 
 
 @dataclass(frozen=True)
@@ -351,14 +345,19 @@ def _logits_processors(s: SamplingParams) -> list[LogitsProcessor]:
 class _Stream:
     """One request in the batch: detokenizes its tokens, applies stop strings, emits events."""
 
-    def __init__(self, handle: RequestHandle, engine: Engine, in_flight: Gauge, cached: int) -> None:
+    def __init__(self, handle: RequestHandle, engine: Engine, cached: int) -> None:
         model_id = engine.loaded.id
         self.handle = handle
         self.cached = cached
         self.running = True
         self.decoding = False  # prefilled: in the generator's decode batch
         self._engine = engine
-        self._in_flight = in_flight
+        self._started = time.perf_counter()
+        self._first = 0.0
+        metrics.QUEUE_SECONDS.labels(model=model_id).observe(self._started - handle.submitted)
+        metrics.PROMPT_TOKENS.labels(model=model_id).inc(len(handle.request.prompt_tokens))
+        self._running = metrics.REQUESTS_RUNNING.labels(model=model_id)
+        self._running.inc()
         self._detokenizer = engine.loaded.tokenizer.detokenizer
         self._matcher: StopMatcher[TokenLogprob | None] = StopMatcher(handle.request.stop)
         self._completion = 0
@@ -378,6 +377,8 @@ class _Stream:
             self._inter_token.observe(now - self._last)
         else:
             self._ttft.observe(now - self.handle.submitted)
+            metrics.PREFILL_SECONDS.labels(model=self._engine.loaded.id).observe(now - self._started)
+            self._first = now
         self._last = now
         item = None
         detok = self._detokenizer
@@ -408,12 +409,15 @@ class _Stream:
         req = self.handle.request
         self.handle.emit(Finished(reason, len(req.prompt_tokens), self._completion, self.cached))
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, reason: str = "generation") -> None:
+        metrics.ERRORS.labels(reason=reason).inc()
         self.handle.emit(Failed(message))
         self.close()
 
     def close(self) -> None:
-        self._in_flight.dec()
+        if self._first:
+            metrics.DECODE_SECONDS.labels(model=self._engine.loaded.id).observe(self._last - self._first)
+        self._running.dec()
         self.handle.closed()
 
 

@@ -247,6 +247,7 @@ class Scheduler:
             entry.last_used = time.monotonic()
             metrics.MODEL_WEIGHT_BYTES.labels(model=entry.id).set(engine.loaded.weight_bytes)
             metrics.MODEL_LOADS.labels(model=entry.id).inc()
+            metrics.MODELS_LOADED.inc()
             metrics.MODEL_LOAD_SECONDS.labels(model=entry.id).set(time.perf_counter() - started)
             return engine
         except ApiError as e:
@@ -275,6 +276,7 @@ class Scheduler:
         await asyncio.to_thread(_release, engines)
         entry.reserved = 0
         metrics.MODEL_WEIGHT_BYTES.remove(entry.id)
+        metrics.MODELS_LOADED.dec()
         metrics.MODEL_UNLOADS.labels(model=entry.id, reason=reason).inc()
         self.changed()
 
