@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import importlib.metadata
-from collections.abc import Iterator
-
 import platform
+from collections.abc import Iterator
 
 import mlx.core as mx
 from prometheus_client import Counter, Gauge, Histogram, Info

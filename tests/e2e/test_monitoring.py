@@ -33,10 +33,7 @@ VARIABLES = {"$model": ".*", "$__rate_interval": "30s"}
 
 def panel_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
     return [
-        (p["title"], t["expr"])
-        for p in dashboard["panels"]
-        for t in p.get("targets", [])
-        if t.get("expr")
+        (p["title"], t["expr"]) for p in dashboard["panels"] for t in p.get("targets", []) if t.get("expr")
     ]
 
 

@@ -95,7 +95,7 @@ def test_health_ready_and_metrics(demo_worker: Worker) -> None:
     assert demo_worker.metric("mlx_flash_requests_waiting", model="demo") == 0
     assert demo_worker.metric("mlx_flash_models_loaded") == 1
     assert demo_worker.metric("mlx_flash_mlx_active_bytes") > 0
-    build = families["mlx_flash_build"].samples[0]
+    build = families["mlx_flash_build_info"].samples[0]
     assert build.labels["version"] and build.labels["mlx"] and build.value == 1
 
 
