@@ -6,7 +6,15 @@ import random
 
 import pytest
 
-from mlx_flash.experts.policy import LRU, POLICIES, belady_hit_rate, hit_rate, make_policy, static_hit_rate
+from mlx_flash.experts.policy import (
+    LRU,
+    POLICIES,
+    belady_hit_rate,
+    groups,
+    hit_rate,
+    make_policy,
+    static_hit_rate,
+)
 
 
 def decode(passes: list[list[int]]) -> list[tuple[bool, list[int]]]:
@@ -54,6 +62,13 @@ def test_no_policy_beats_belady(seed: int) -> None:
         for name in POLICIES:
             assert hit_rate(decode(passes), make_policy(name, capacity)) <= best + 1e-12
     assert belady_hit_rate(passes, 16) == pytest.approx(1 - 16 / 600, abs=0.03)  # only first uses miss
+
+
+def test_a_pass_larger_than_the_pool_is_served_resident_experts_first() -> None:
+    assert groups([5, 1, 2, 3, 1], 2, {3, 2}) == [[2, 3], [5, 1]]
+    assert groups([5, 1], 2, set()) == [[5, 1]]
+    # Belady serves the same groups: after a pass needing all four, the last group stays resident.
+    assert belady_hit_rate([[0, 1, 2, 3], [2, 3]], 2) == pytest.approx(2 / 6)
 
 
 def test_the_best_fixed_set_holds_the_most_used_experts() -> None:

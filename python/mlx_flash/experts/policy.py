@@ -139,6 +139,15 @@ class Decay(LFU):
         super()._touch(experts)
 
 
+def groups(needed: Sequence[int], capacity: int, resident: set[int]) -> list[list[int]]:
+    """How a pool serves a pass needing these experts: at most `capacity` at a time, the resident ones
+    first (served before anything is evicted for the others)."""
+    want = list(dict.fromkeys(needed))
+    if len(want) > capacity:
+        want.sort(key=lambda e: e not in resident)
+    return [want[i : i + capacity] for i in range(0, len(want), capacity)]
+
+
 def make_policy(name: str, capacity: int) -> Policy:
     kinds: dict[str, type[Policy]] = {"lru": LRU, "lfu": LFU, "decay": Decay}
     if name not in kinds:
@@ -147,17 +156,20 @@ def make_policy(name: str, capacity: int) -> Policy:
 
 
 def hit_rate(passes: Sequence[tuple[bool, Sequence[int]]], policy: Policy) -> float:
-    """Fraction of expert uses served from the cache over one layer's (bulk, experts) passes."""
+    """Fraction of expert uses served from the cache over one layer's (bulk, experts) passes, each
+    served in `groups` as the pools do."""
     hits = uses = 0
     for bulk, needed in passes:
-        out = policy.access(needed, bulk)
-        hits += out.hits
-        uses += out.hits + len(out.misses)
+        for group in groups(needed, policy.capacity, policy.resident):
+            out = policy.access(group, bulk)
+            hits += out.hits
+            uses += out.hits + len(out.misses)
     return hits / uses if uses else 1.0
 
 
 def belady_hit_rate(passes: Sequence[Sequence[int]], capacity: int) -> float:
-    """The optimum: on a miss, evict the resident expert needed furthest in the future."""
+    """The optimum, served in the same groups: on a miss, evict the resident expert needed furthest in
+    the future (an expert a later group of the same pass needs is needed now)."""
     uses_at: dict[int, list[int]] = {}
     for i, needed in enumerate(passes):
         for e in dict.fromkeys(needed):
@@ -165,26 +177,27 @@ def belady_hit_rate(passes: Sequence[Sequence[int]], capacity: int) -> float:
     cursor = dict.fromkeys(uses_at, 0)
     resident: set[int] = set()
     hits = uses = 0
-    for needed in passes:
-        want = list(dict.fromkeys(needed))
-        if len(want) > capacity:
-            raise ValueError(f"{len(want)} experts needed at once, room for {capacity}")
-        for e in want:
+    for i, needed in enumerate(passes):
+        parts = groups(needed, capacity, resident)
+        for e in dict.fromkeys(needed):
             cursor[e] += 1  # uses_at[e][cursor[e]] is now e's next use after this pass
-        keep = set(want)
-        for e in want:
-            uses += 1
-            if e in resident:
-                hits += 1
-                continue
-            if len(resident) >= capacity:
+        for n, group in enumerate(parts):
+            later = {e for g in parts[n + 1 :] for e in g}
 
-                def next_use(x: int) -> int:
-                    later = uses_at[x]
-                    return later[cursor[x]] if cursor[x] < len(later) else len(passes) + 1
+            def next_use(x: int, later: set[int] = later, now: int = i) -> int:
+                if x in later:
+                    return now
+                after = uses_at[x]
+                return after[cursor[x]] if cursor[x] < len(after) else len(passes) + 1
 
-                resident.discard(max(resident - keep, key=next_use))
-            resident.add(e)
+            for e in group:
+                uses += 1
+                if e in resident:
+                    hits += 1
+                    continue
+                if len(resident) >= capacity:
+                    resident.discard(max(resident - set(group), key=next_use))
+                resident.add(e)
     return hits / uses if uses else 1.0
 
 

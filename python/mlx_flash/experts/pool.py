@@ -24,7 +24,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
-from mlx_flash.experts.policy import make_policy
+from mlx_flash.experts.policy import groups, make_policy
 from mlx_flash.experts.store import DTYPES, ExpertStore, host_array
 
 # The per-expert arrays of SwitchLinear / QuantizedSwitchLinear (mlx-lm names).
@@ -123,10 +123,8 @@ class ExpertPool:
         if len(needed) <= self.capacity:
             self._load(needed, bulk)
             return inner(x, self.lookup[indices])  # type: ignore[no-any-return]
-        order = sorted(needed, key=lambda e: self.slot_of[e] < 0)  # resident first
         out: mx.array | None = None
-        for i in range(0, len(order), self.capacity):
-            group = order[i : i + self.capacity]
+        for group in groups(needed, self.capacity, self.policy.resident):
             self._load(group, bulk)
             mask = mx.array(np.isin(ids, group))
             y = inner(x, mx.where(mask, self.lookup[indices], 0))

@@ -81,33 +81,28 @@ def read(path: Path, model: str | None = None) -> Trace:
     return layers
 
 
-def accesses(passes: list[Pass], capacity: int) -> list[tuple[bool, list[int]]]:
-    """What a pool of `capacity` slots is asked for, as it serves these passes: each pass's experts
-    once, in groups of at most `capacity`."""
-    out = []
-    for p in passes:
-        needed = list(dict.fromkeys(e for t in p.tokens for e in t))
-        out += [(p.bulk, needed[i : i + capacity]) for i in range(0, len(needed), capacity)]
-    return out
+def needs(passes: list[Pass]) -> list[tuple[bool, list[int]]]:
+    """Each pass's experts, once each, in the order its tokens use them."""
+    return [(p.bulk, list(dict.fromkeys(e for t in p.tokens for e in t))) for p in passes]
 
 
 def replay(trace: Trace, capacity: int) -> dict[str, float]:
     """Hit rate of each policy, of hindsight's best fixed set and of Belady's optimum at `capacity`
     experts per layer, over all layers (hits / expert uses, an expert counted once per pass that
-    needs it)."""
-    per_layer = {layer: accesses(passes, capacity) for layer, passes in trace.items()}
-    uses = {layer: sum(len(g) for _, g in groups) for layer, groups in per_layer.items()}
+    needs it), each pass served as the pools serve it (`policy.groups`)."""
+    per_layer = {layer: needs(passes) for layer, passes in trace.items()}
+    uses = {layer: sum(len(n) for _, n in passes) for layer, passes in per_layer.items()}
     total = sum(uses.values())
     rates: dict[str, float] = {}
     for name in (*POLICIES, "static", "belady"):
         hits = 0.0  # each layer's hit rate weighted by its expert uses
-        for layer, groups in per_layer.items():
+        for layer, passes in per_layer.items():
             if name == "belady":
-                rate = belady_hit_rate([g for _, g in groups], capacity)
+                rate = belady_hit_rate([n for _, n in passes], capacity)
             elif name == "static":
-                rate = static_hit_rate([g for _, g in groups], capacity)
+                rate = static_hit_rate([n for _, n in passes], capacity)
             else:
-                rate = hit_rate(groups, make_policy(name, capacity))
+                rate = hit_rate(passes, make_policy(name, capacity))
             hits += rate * uses[layer]
         rates[name] = hits / total if total else 1.0
     return rates
