@@ -24,7 +24,7 @@ REQUESTS_WAITING = Gauge("mlx_flash_requests_waiting", "Requests queued for a mo
 REQUESTS_RUNNING = Gauge("mlx_flash_requests_running", "Requests in a model's batch", ["model"])
 ERRORS = Counter(
     "mlx_flash_errors",
-    "Requests refused or failed, by reason (the error code clients see, or generation, shutdown)",
+    "Errors sent to clients, before or after a response started, by reason (the error's code or type)",
     ["reason"],
 )
 QUEUE_SECONDS = Histogram(

@@ -107,10 +107,21 @@ def broken_worker(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         yield worker
 
 
+def errors(worker: Worker) -> dict[str, float]:
+    """mlx_flash_errors_total by reason."""
+    text = httpx.get(f"{worker.url}/metrics", timeout=10).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = families["mlx_flash_errors"].samples if "mlx_flash_errors" in families else []
+    return {s.labels["reason"]: s.value for s in samples if s.name.endswith("_total")}
+
+
 def test_internal_failure_is_500_without_retry_or_traceback(broken_worker: Worker) -> None:
     body = {"model": "moe-bf16", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    before = errors(broken_worker)
     r = httpx.post(f"{broken_worker.url}/v1/chat/completions", json=body, timeout=30)
     assert r.status_code == 500
+    # One failure, counted once (where the client is sent it), whatever failed underneath.
+    assert errors(broken_worker) == {**before, "server_error": before.get("server_error", 0) + 1}
     assert r.headers["x-should-retry"] == "false"
     assert r.json()["error"]["type"] == "server_error"
     assert "Traceback" not in r.text and "gather" not in r.text.lower()

@@ -42,11 +42,13 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def error_body(err: ApiError) -> dict[str, Any]:
+    """The OpenAI error object; every error a client sees, before or after a response started, is
+    rendered here, so here it is counted."""
+    metrics.ERRORS.labels(reason=err.code or err.type).inc()
     return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
 
 
 def error_response(err: ApiError) -> JSONResponse:
-    metrics.ERRORS.labels(reason=err.code or err.type).inc()
     return JSONResponse(error_body(err), status_code=err.status, headers=err.headers())
 
 

@@ -157,7 +157,7 @@ class Engine:
             for handle in jobs:
                 if handle is None:
                     for stream in streams.values():
-                        stream.fail("the server is shutting down", "shutdown")
+                        stream.fail("the server is shutting down")
                     generator.close()  # type: ignore[no-untyped-call]
                     return
                 self._admit(generator, streams, handle)
@@ -286,7 +286,6 @@ class Engine:
             )
         except Exception:
             log.exception("could not start generation", extra={"model": self.loaded.id})
-            metrics.ERRORS.labels(reason="generation").inc()
             handle.emit(Failed("internal error during generation"))
             handle.closed()
             return
@@ -409,8 +408,7 @@ class _Stream:
         req = self.handle.request
         self.handle.emit(Finished(reason, len(req.prompt_tokens), self._completion, self.cached))
 
-    def fail(self, message: str, reason: str = "generation") -> None:
-        metrics.ERRORS.labels(reason=reason).inc()
+    def fail(self, message: str) -> None:
         self.handle.emit(Failed(message))
         self.close()
 
