@@ -30,7 +30,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlx_flash import __version__, memory, metrics
 from mlx_flash import logging as json_logging
-from mlx_flash.api import admin, openai
+from mlx_flash.api import admin, anthropic, ollama, openai, responses
+from mlx_flash.api.error_shapes import error_response
 from mlx_flash.api.errors import (
     ApiError,
     InternalError,
@@ -69,6 +70,17 @@ ROUTE_APIS = {
     "/ready": "server",
     "/metrics": "server",
     "/admin": "admin",
+    "/messages": "anthropic",
+    "/messages/count_tokens": "anthropic",
+    "/responses": "responses",
+    "/responses/{id}": "responses",
+    "/": "ollama",
+    "/api/version": "ollama",
+    "/api/tags": "ollama",
+    "/api/show": "ollama",
+    "/api/ps": "ollama",
+    "/api/generate": "ollama",
+    "/api/chat": "ollama",
 }
 
 
@@ -79,6 +91,8 @@ def route_label(path: str) -> str:
     path = path.removeprefix("/v1")
     if path.startswith("/models/"):
         return "/models/{model}"
+    if path.startswith("/responses/"):
+        return "/responses/{id}"
     return path if path in ROUTE_APIS else "other"
 
 
@@ -108,7 +122,7 @@ class Observe:
         try:
             if self.api_key and scope["path"] not in UNAUTHENTICATED and not self._authorized(headers):
                 err = Unauthorized("Missing or incorrect API key (send 'Authorization: Bearer <key>').")
-                await openai.error_response(err)(scope, receive, send_with_id)
+                await error_response(scope["path"], err)(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
         finally:
@@ -154,24 +168,23 @@ async def prometheus(request: Request) -> Response:
 
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return openai.error_response(exc)
+    return error_response(request.url.path, exc)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    path = request.url.path
     if exc.status_code == 404:
-        return openai.error_response(RouteNotFound(f"Unknown route {request.method} {request.url.path}"))
+        return error_response(path, RouteNotFound(f"Unknown route {request.method} {path}"))
     if exc.status_code == 405:
-        return openai.error_response(
-            MethodNotAllowed(f"Method {request.method} is not allowed for {request.url.path}")
-        )
-    return openai.error_response(ApiError(str(exc.detail)))
+        return error_response(path, MethodNotAllowed(f"Method {request.method} is not allowed for {path}"))
+    return error_response(path, ApiError(str(exc.detail)))
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:
     # The traceback goes to the log, never to the client.
     log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
-    return openai.error_response(InternalError())
+    return error_response(request.url.path, InternalError())
 
 
 def create_app(state: WorkerState, on_fatal: Callable[[], None] | None = None) -> Starlette:
@@ -192,6 +205,9 @@ def create_app(state: WorkerState, on_fatal: Callable[[], None] | None = None) -
         Route("/ready", ready),
         Route("/metrics", prometheus),
         *openai.routes(),
+        *anthropic.routes(),
+        *responses.routes(),
+        *ollama.routes(),
         *admin.routes(),
     ]
     app = Starlette(

@@ -48,3 +48,13 @@ def test_empty_piece_waits_for_the_text_that_completes_it() -> None:
     assert m.push("", 0) == ([], False)  # half of a UTF-8 character
     pieces, _ = m.push("é", 1)
     assert [(p.text, p.item) for p in pieces] == [("", 0), ("é", 1)]
+
+
+def test_the_stop_string_that_matched_first_is_reported() -> None:
+    m: StopMatcher[int] = StopMatcher(["world", "lo w"])
+    assert m.matched is None
+    for i, t in enumerate(["hel", "lo", " wor", "ld"]):
+        _, stopped = m.push(t, i)
+        if stopped:
+            break
+    assert stopped and m.matched == "lo w"

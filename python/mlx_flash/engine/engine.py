@@ -406,7 +406,8 @@ class _Stream:
 
     def _finish(self, reason: FinishReason) -> None:
         req = self.handle.request
-        self.handle.emit(Finished(reason, len(req.prompt_tokens), self._completion, self.cached))
+        matched = self._matcher.matched
+        self.handle.emit(Finished(reason, len(req.prompt_tokens), self._completion, self.cached, matched))
 
     def fail(self, message: str) -> None:
         self.handle.emit(Failed(message))

@@ -62,6 +62,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    stop_sequence: str | None = None  # the stop string that ended generation (Anthropic reports it)
 
 
 @dataclass(frozen=True)

@@ -27,14 +27,16 @@ class StopMatcher(Generic[T]):
     def __init__(self, stops: Sequence[str]) -> None:
         self._stops = [s for s in stops if s]
         self._pending: list[Piece[T]] = []
+        self.matched: str | None = None  # the stop string that ended the text, once one has
 
     def push(self, text: str, item: T) -> tuple[list[Piece[T]], bool]:
         """Add one token's text; return the pieces safe to emit and whether a stop matched."""
         self._pending.append(Piece(text, item))
         joined = "".join(p.text for p in self._pending)
-        hits = [i for i in (joined.find(s) for s in self._stops) if i >= 0]
+        hits = [(i, s) for s in self._stops if (i := joined.find(s)) >= 0]
         if hits:
-            return self._cut(min(hits)), True
+            index, self.matched = min(hits, key=lambda hit: hit[0])
+            return self._cut(index), True
         limit = len(joined) - self._holdback(joined)
         released, pos = 0, 0
         for p in self._pending:

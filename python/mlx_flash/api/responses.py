@@ -1,0 +1,298 @@
+"""OpenAI Responses: POST /v1/responses (whole or streamed), GET and DELETE /v1/responses/{id}
+(wire facts: docs/API.md, Responses section). Codex CLI speaks only this API. Errors are OpenAI's."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from mlx_flash.api.errors import ApiError, InternalError, InvalidRequest
+from mlx_flash.api.fields import Fields
+from mlx_flash.api.openai import SSE_HEADERS, _with_model, budget, error_body
+from mlx_flash.api.response_store import ResponseStore
+from mlx_flash.api.turn import gather
+from mlx_flash.engine.engine import RequestHandle
+from mlx_flash.engine.prompt import encode_chat
+from mlx_flash.engine.request import Finished, GenerationRequest, SamplingParams, TextDelta
+from mlx_flash.models.scheduler import Lease
+
+ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
+TEXT_PARTS = {"input_text", "output_text", "text"}
+
+
+class ResponseNotFound(ApiError):
+    status = 404
+    code = "not_found"
+
+
+def store(request: Request) -> ResponseStore:
+    app_state = request.app.state
+    if not hasattr(app_state, "responses"):
+        app_state.responses = ResponseStore()
+    responses: ResponseStore = app_state.responses
+    return responses
+
+
+# ---------------------------------------------------------------- request parsing
+
+
+def _content(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise InvalidRequest(f"{where} must be a string or an array of content parts", param=where)
+    texts = []
+    for j, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
+            raise InvalidRequest(
+                f"{where}[{j}]: only text content parts are supported by this model (got {kind!r})",
+                param=f"{where}[{j}]",
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def parse_input(value: Any) -> list[dict[str, Any]]:
+    """`input` (a string or an array of items) as OpenAI-shaped chat messages."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise InvalidRequest("input must be a string or a non-empty array of items", param="input")
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(value):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"{where} must be an object", param=where)
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = ROLES.get(item.get("role"))  # type: ignore[arg-type]
+            if role is None:
+                raise InvalidRequest(f"{where}.role must be one of {sorted(ROLES)}", param=f"{where}.role")
+            out.append({"role": role, "content": _content(item.get("content"), f"{where}.content")})
+        elif kind == "reasoning":
+            continue  # earlier reasoning is not part of the prompt, as the chat templates do
+        else:
+            raise InvalidRequest(f"{where}.type {kind!r} is not supported", param=f"{where}.type")
+    return out
+
+
+def _sampling(f: Fields) -> SamplingParams:
+    temperature = f.number("temperature", 1.0, 0.0, 2.0)
+    top_p = f.number("top_p", 1.0, 0.0, 1.0, lo_open=True)
+    return SamplingParams(
+        temperature=1.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=f.integer("top_k", 0, lo=0) or 0,
+    )
+
+
+def _reject_unsupported(body: dict[str, Any], f: Fields) -> None:
+    if body.get("tools"):
+        raise InvalidRequest("tools: tool calling is not supported by this server yet", param="tools")
+    text = f.obj("text")
+    fmt = Fields(text, "text.").obj("format") if text else None
+    if fmt is not None and fmt.get("type") != "text":
+        raise InvalidRequest("text.format other than 'text' is not supported yet", param="text.format")
+
+
+# ---------------------------------------------------------------- response objects
+
+
+class Draft:
+    """The response object of one request, as it is built up."""
+
+    def __init__(self, body: dict[str, Any], f: Fields, model: str, previous: str | None) -> None:
+        self.id = f"resp_{uuid.uuid4().hex}"
+        self.created_at = int(time.time())
+        self.model = model
+        text = f.obj("text") or {}
+        self.params: dict[str, Any] = {
+            "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"),
+            "previous_response_id": previous,
+            "temperature": body.get("temperature", 1.0),
+            "top_p": body.get("top_p", 1.0),
+            "tools": body.get("tools") or [],
+            "tool_choice": body.get("tool_choice", "auto"),
+            "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "text": {"format": {"type": "text"}, **text},
+            "metadata": body.get("metadata") or {},
+            "store": f.boolean("store", True),
+            "truncation": "disabled",
+        }
+
+    def object(
+        self,
+        status: str,
+        output: list[dict[str, Any]],
+        fin: Finished | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        incomplete = {"reason": "max_output_tokens"} if fin is not None and fin.reason == "length" else None
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "model": self.model,
+            "output": output,
+            "error": error,
+            "incomplete_details": incomplete,
+            "usage": _usage(fin) if fin is not None else None,
+            **self.params,
+        }
+
+    def finished(self, output: list[dict[str, Any]], fin: Finished) -> dict[str, Any]:
+        return self.object("incomplete" if fin.reason == "length" else "completed", output, fin)
+
+
+def _usage(fin: Finished) -> dict[str, Any]:
+    return {
+        "input_tokens": fin.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": fin.cached_tokens},
+        "output_tokens": fin.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": fin.prompt_tokens + fin.completion_tokens,
+    }
+
+
+def _message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+async def create(request: Request) -> Response:
+    return await _with_model(request, _create)
+
+
+async def _create(request: Request, body: dict[str, Any], f: Fields, lease: Lease) -> Response:
+    engine = lease.engine
+    stream = f.boolean("stream", False)
+    sampling = _sampling(f)
+    max_tokens = f.integer("max_output_tokens", None, lo=1)
+    _reject_unsupported(body, f)
+    previous = f.string("previous_response_id")
+    history: list[dict[str, Any]] = []
+    if previous is not None:
+        stored = store(request).get(previous)
+        if stored is None:
+            raise ResponseNotFound(
+                f"Previous response with id '{previous}' not found: it expired, was never stored "
+                "(store: false), or was made by another worker.",
+                param="previous_response_id",
+            )
+        history = stored.messages
+    if body.get("input") is None:
+        raise InvalidRequest("input is required", param="input")
+    conversation = history + parse_input(body["input"])
+    instructions = f.string("instructions")
+    messages = ([{"role": "system", "content": instructions}] if instructions else []) + conversation
+    tokenizer = engine.loaded.tokenizer
+    prompt = await run_in_threadpool(encode_chat, tokenizer, messages, {})
+    limit = budget(engine, len(prompt), max_tokens, "input")
+    handle = await lease.start(
+        GenerationRequest(prompt, limit, sampling), max_tokens_given=max_tokens is not None
+    )
+    draft = Draft(body, f, engine.loaded.id, previous)
+
+    def keep(response: dict[str, Any], text: str) -> None:
+        if draft.params["store"]:
+            reply = {"role": "assistant", "content": text}
+            store(request).put(response, [*conversation, reply])
+
+    if stream:
+        return StreamingResponse(
+            _events(draft, handle, keep), media_type="text/event-stream", headers=SSE_HEADERS
+        )
+    turn = await gather(handle, request)
+    response = draft.finished([_message_item(f"msg_{uuid.uuid4().hex}", turn.text)], turn.finished)
+    keep(response, turn.text)
+    return JSONResponse(response)
+
+
+async def _events(draft: Draft, handle: RequestHandle, keep: Any) -> AsyncIterator[bytes]:
+    seq = 0
+
+    def event(kind: str, payload: dict[str, Any]) -> bytes:
+        nonlocal seq
+        data = {"type": kind, "sequence_number": seq, **payload}
+        seq += 1
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+    item_id = f"msg_{uuid.uuid4().hex}"
+    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    texts: list[str] = []
+    try:
+        yield event("response.created", {"response": draft.object("in_progress", [])})
+        yield event("response.in_progress", {"response": draft.object("in_progress", [])})
+        yield event(
+            "response.output_item.added",
+            {"output_index": 0, "item": {**_message_item(item_id, "", "in_progress"), "content": []}},
+        )
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        yield event("response.content_part.added", {**where, "part": part})
+        async for ev in handle.events():
+            if isinstance(ev, TextDelta):
+                if ev.text:
+                    texts.append(ev.text)
+                    yield event("response.output_text.delta", {**where, "delta": ev.text, "logprobs": []})
+            elif isinstance(ev, Finished):
+                text = "".join(texts)
+                item = _message_item(item_id, text)
+                yield event("response.output_text.done", {**where, "text": text, "logprobs": []})
+                yield event("response.content_part.done", {**where, "part": item["content"][0]})
+                yield event("response.output_item.done", {"output_index": 0, "item": item})
+                response = draft.finished([item], ev)
+                keep(response, text)
+                kind = "response.incomplete" if ev.reason == "length" else "response.completed"
+                yield event(kind, {"response": response})
+                return
+            else:
+                err = error_body(InternalError("Generation failed after the response started."))["error"]
+                failed = draft.object("failed", [], error={"code": "server_error", "message": err["message"]})
+                yield event("response.failed", {"response": failed})
+                return
+    finally:  # normal end, or the client went away and the server cancelled us
+        handle.cancel()
+
+
+def _stored(request: Request) -> dict[str, Any]:
+    response_id = request.path_params["id"]
+    stored = store(request).get(response_id)
+    if stored is None:
+        raise ResponseNotFound(f"Response with id '{response_id}' not found.", param="response_id")
+    return stored.response
+
+
+async def retrieve(request: Request) -> Response:
+    return JSONResponse(_stored(request))
+
+
+async def delete(request: Request) -> Response:
+    response = _stored(request)
+    store(request).delete(response["id"])
+    return JSONResponse({"id": response["id"], "object": "response", "deleted": True})
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        route
+        for prefix in ("/v1", "")
+        for route in (
+            Route(f"{prefix}/responses", create, methods=["POST"]),
+            Route(f"{prefix}/responses/{{id}}", retrieve, methods=["GET"]),
+            Route(f"{prefix}/responses/{{id}}", delete, methods=["DELETE"]),
+        )
+    ]
