@@ -34,7 +34,11 @@ def direct(sidecar: Sidecar) -> httpx.Client:
 
 def test_anthropic_sdk_with_x_api_key(sidecar: Sidecar) -> None:
     # Claude Code's ANTHROPIC_BASE_URL has no /v1; the SDK sends the key as x-api-key.
-    client = anthropic.Anthropic(base_url=sidecar.url, api_key=KEY, max_retries=0)
+    with anthropic.Anthropic(base_url=sidecar.url, api_key=KEY, max_retries=0) as client:
+        _anthropic_text_paths(client)
+
+
+def _anthropic_text_paths(client: anthropic.Anthropic) -> None:
     whole = client.messages.create(model="demo", max_tokens=8, messages=ASK, extra_body={"temperature": 0})
     with client.messages.stream(model="demo", max_tokens=8, messages=ASK, extra_body={"temperature": 0}) as s:
         text = "".join(s.text_stream)
@@ -43,14 +47,20 @@ def test_anthropic_sdk_with_x_api_key(sidecar: Sidecar) -> None:
 
 
 def test_anthropic_sdk_with_a_wrong_key_gets_an_authentication_error(sidecar: Sidecar) -> None:
-    client = anthropic.Anthropic(base_url=sidecar.url, api_key="wrong", max_retries=0)
-    with pytest.raises(anthropic.AuthenticationError) as e:
+    with (
+        anthropic.Anthropic(base_url=sidecar.url, api_key="wrong", max_retries=0) as client,
+        pytest.raises(anthropic.AuthenticationError) as e,
+    ):
         client.messages.create(model="demo", max_tokens=8, messages=ASK)
     assert isinstance(e.value.body, dict) and e.value.body["type"] == "error"
 
 
 def test_openai_sdk_responses_through_the_sidecar(sidecar: Sidecar) -> None:
-    client = openai.OpenAI(base_url=f"{sidecar.url}/v1", api_key=KEY, max_retries=0)
+    with openai.OpenAI(base_url=f"{sidecar.url}/v1", api_key=KEY, max_retries=0) as client:
+        _responses_paths(client)
+
+
+def _responses_paths(client: openai.OpenAI) -> None:
     whole = client.responses.create(model="demo", input="What is 12+30?", temperature=0)
     with client.responses.stream(model="demo", input="What is 12+30?", temperature=0) as s:
         final = s.get_final_response()

@@ -80,13 +80,13 @@ class KeepAlive:
 
     async def _unload_at(self, scheduler: Scheduler, entry: Entry, deadline: float) -> None:
         await asyncio.sleep(max(0.0, deadline - time.time()))
-        # The lease of the request that set it is released just after its last event.
-        for _ in range(50):
+        # Requests still running keep the model until they end (the one that set this one included).
+        while entry.holders:
             if self.deadlines.get(entry.target) != deadline:
                 return  # a later request set another deadline
-            if entry.holders == 0:
-                break
             await asyncio.sleep(0.1)
+        if self.deadlines.get(entry.target) != deadline:
+            return
         with contextlib.suppress(ApiError):  # busy or pinned: it stays
             await scheduler.unload(entry.id)
         if self.deadlines.get(entry.target) == deadline:
