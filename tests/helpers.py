@@ -199,7 +199,8 @@ def _wait_listening(
 ) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for line in log_path.read_text(errors="replace").splitlines():
+        # Only whole lines: the last one may still be half-written.
+        for line in log_path.read_text(errors="replace").split("\n")[:-1]:
             if '"msg":"listening"' in line and (logger is None or f'"logger":"{logger}"' in line):
                 entry = json.loads(line)
                 return f"http://{entry['host']}:{entry['port']}"
