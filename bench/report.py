@@ -400,10 +400,26 @@ def expert_policy(result: dict[str, Any], source: str) -> str:
         "of them at 4 slots, "
         "whatever the policy). The best fixed set is hindsight's most-used experts per layer, held "
         "from the start and never loaded: a bound on choosing by frequency, not a reachable policy. "
-        f"{_machine(result['machine'])}; {result.get('started', '')}. "
+        + _shuffled_control(result)
+        + f"{_machine(result['machine'])}; {result.get('started', '')}. "
         f"Source: `{source}`, made by `{_command(result)}`.",
     ]
     return "\n".join(rows)
+
+
+def _shuffled_control(result: dict[str, Any]) -> str:
+    """The replay of the same passes in a random order: what Belady's lead is made of."""
+    if "shuffled" not in result:
+        return ""
+    best = result["summary"]["best"]
+    cells = "; ".join(
+        f"{r['capacity']} slots: {best} {r[best]:.1%}, Belady {r['belady']:.1%}" for r in result["shuffled"]
+    )
+    return (
+        f"Control: the same passes replayed in a random order ({cells}). Belady keeps its lead when there is "
+        "no order to learn from, so on this routing (close to independent from pass to pass) the gap is "
+        "the value of knowing the future, which no online policy has. "
+    )
 
 
 def _gb(n: float) -> str:
