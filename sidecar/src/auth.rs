@@ -121,7 +121,7 @@ pub async fn check(State(state): State<AppState>, request: Request, next: Next) 
             "Cross-origin requests are not allowed (start with --cors-origin to allow one)".into(),
         ));
     }
-    if !PUBLIC.contains(&path) && !guard.has_key(headers) {
+    if !PUBLIC.contains(&path) && !crate::webui::is_public(path) && !guard.has_key(headers) {
         return deny(ErrorKind::Unauthorized);
     }
     next.run(request).await

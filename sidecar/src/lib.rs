@@ -17,6 +17,7 @@ pub mod model_admin;
 pub mod proxy;
 pub mod routing;
 pub mod stream;
+pub mod webui;
 pub mod workers;
 
 use std::ffi::OsString;
@@ -108,6 +109,9 @@ pub fn app(state: AppState) -> Router {
         .route("/admin/api/workers", get(admin::workers))
         .route("/admin/api/status", get(admin::status))
         .route("/admin/api/models", get(model_admin::table))
+        .route("/admin", get(webui::admin))
+        .route("/chat", get(webui::chat))
+        .route("/ui/{name}", get(webui::asset))
         .merge(admin_actions)
         .fallback(proxy::proxy)
         .layer(middleware::from_fn_with_state(state.clone(), auth::check))
