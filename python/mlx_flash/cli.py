@@ -3,6 +3,7 @@
   mlx-flash [serve] [--model M] [--workers N] [--host H] [--port P] ...   the server (default)
   mlx-flash worker [--model M] [--port P] ...                              one worker, no sidecar
   mlx-flash experts replay TRACE [--capacity 0.25,0.5]                     expert cache policies on a trace
+  mlx-flash mcp [--url URL] [--api-key K]                                  MCP over stdio for a server
 
 `serve` runs the Rust sidecar in this process (`mlx-flash serve --help` lists its flags); it starts
 and supervises the workers itself. Worker flags about models, memory and caches (`mlx-flash worker
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "worker":
         return worker.main(argv[1:], prog="mlx-flash worker")
+    if command == "mcp":
+        from mlx_flash.mcp import server
+
+        return server.main(argv[1:])
     if command == "experts":
         from mlx_flash.experts import trace
 
