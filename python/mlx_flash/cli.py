@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from mlx_flash import __version__, _native, worker
+from mlx_flash import __version__
 
 
 def split_worker_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -25,6 +25,8 @@ def split_worker_args(args: list[str]) -> tuple[list[str], list[str]]:
     if "--" in args:  # the caller split them already
         i = args.index("--")
         return args[:i], args[i + 1 :]
+    from mlx_flash import worker  # not at the top: `mlx-flash mcp` must start fast, without MLX
+
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     worker.add_engine_flags(p)
     _, rest = p.parse_known_args(args)
@@ -45,6 +47,8 @@ def split_worker_args(args: list[str]) -> tuple[list[str], list[str]]:
 
 def serve(args: list[str]) -> int:
     """Run the sidecar; workers are started with this interpreter unless told otherwise."""
+    from mlx_flash import _native
+
     os.environ.setdefault("MLX_FLASH_PYTHON", sys.executable)
     sidecar, workers = split_worker_args(args)
     try:
@@ -64,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlx-flash {__version__}")  # noqa: T201 - user-facing
         return 0
     if command == "worker":
+        from mlx_flash import worker
+
         return worker.main(argv[1:], prog="mlx-flash worker")
     if command == "mcp":
         from mlx_flash.mcp import server

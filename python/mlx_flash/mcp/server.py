@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 from mcp.server import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -42,7 +43,7 @@ def _json(response: httpx.Response) -> Any:
     except ValueError:
         body = response.text
     if response.is_error:
-        raise RuntimeError(f"server answered {response.status_code}: {body}")
+        raise ToolError(f"server answered {response.status_code}: {body}")
     return body
 
 
@@ -102,7 +103,7 @@ def build(url: str, api_key: str | None) -> MCPServer:
 
     @mcp.tool()
     async def check_memory() -> Any:
-        """This machine's memory as the server sees it (total, available, used by MLX, in bytes)."""
+        """This machine's memory as the server sees it (total, available, pressure; bytes)."""
         return (await api.get("/admin/api/status"))["memory"]
 
     @mcp.tool()
@@ -116,7 +117,7 @@ def build(url: str, api_key: str | None) -> MCPServer:
 async def _default_model(api: Api) -> str:
     data = (await api.get("/v1/models"))["data"]
     if not data:
-        raise RuntimeError("the server has no model; load one with load_model")
+        raise ToolError("the server has no model; load one with load_model")
     return str(data[0]["id"])
 
 
