@@ -74,7 +74,8 @@ def from_config(path: Path) -> dict[str, float]:
     """params (from safetensors sizes), bits, group size and KV shape from a local model directory."""
     config = json.loads((path / "config.json").read_text())
     quant = config.get("quantization") or {}
-    bits = float(quant.get("bits", 16))
+    dense = 32 if config.get("torch_dtype") == "float32" else 16
+    bits = float(quant.get("bits", dense))
     group = int(quant.get("group_size", 64))
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     heads = int(config.get("num_attention_heads", 1))

@@ -6,6 +6,7 @@ import json
 import subprocess
 
 from helpers import mlx_flash_command
+from mlx_flash.demo import DEMO_MODEL_PATH
 
 
 def _fit(*args: str) -> dict[str, float | str | None]:
@@ -39,3 +40,12 @@ def test_dense_8b_unquantized_does_not_stream() -> None:
     # 16 bits: no groups, 8e9 * 16 / 8 = 16e9 bytes; dense (active = params) never streams.
     out = _fit("--params", "8B", "--bits", "16", "--memory", "10B")
     assert out["weights_bytes"] == 16e9 and out["verdict"] == "does not fit"
+
+
+def test_model_path_reads_config_and_safetensors_sizes() -> None:
+    # The demo: float32 (32 bits per weight), 4 layers, 2 KV heads, head_dim 48.
+    size = sum(f.stat().st_size for f in DEMO_MODEL_PATH.glob("*.safetensors"))
+    out = _fit("--model", str(DEMO_MODEL_PATH), "--context", "1024", "--memory", "1B")
+    assert out["weights_bytes"] == size  # params = size * 8 / 32, weights = params * 32 / 8
+    assert out["kv_bytes"] == 2 * 4 * 2 * 48 * 1024 * 2  # = 1,572,864 bytes
+    assert out["verdict"] == "fits"
