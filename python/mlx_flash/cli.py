@@ -4,6 +4,7 @@
   mlx-flash worker [--model M] [--port P] ...                              one worker, no sidecar
   mlx-flash experts replay TRACE [--capacity 0.25,0.5]                     expert cache policies on a trace
   mlx-flash fit --params 30B --active 3B --bits 4 | --model PATH          will it fit this machine?
+  mlx-flash chat [--url URL] [--model M]                                   terminal chat
   mlx-flash mcp [--url URL] [--api-key K]                                  MCP over stdio for a server
 
 `serve` runs the Rust sidecar in this process (`mlx-flash serve --help` lists its flags); it starts
@@ -76,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         from mlx_flash.mcp import server
 
         return server.main(argv[1:])
+    if command == "chat":
+        from mlx_flash import chat
+
+        return chat.main(argv[1:])
     if command == "fit":
         from mlx_flash import fit
 
