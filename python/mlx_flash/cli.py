@@ -3,6 +3,9 @@
   mlx-flash [serve] [--model M] [--workers N] [--host H] [--port P] ...   the server (default)
   mlx-flash worker [--model M] [--port P] ...                              one worker, no sidecar
   mlx-flash experts replay TRACE [--capacity 0.25,0.5]                     expert cache policies on a trace
+  mlx-flash fit --params 30B --active 3B --bits 4 | --model PATH          will it fit this machine?
+  mlx-flash chat [--url URL] [--model M]                                   terminal chat
+  mlx-flash mcp [--url URL] [--api-key K]                                  MCP over stdio for a server
 
 `serve` runs the Rust sidecar in this process (`mlx-flash serve --help` lists its flags); it starts
 and supervises the workers itself. Worker flags about models, memory and caches (`mlx-flash worker
@@ -16,7 +19,7 @@ import argparse
 import os
 import sys
 
-from mlx_flash import __version__, _native, worker
+from mlx_flash import __version__
 
 
 def split_worker_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -24,6 +27,8 @@ def split_worker_args(args: list[str]) -> tuple[list[str], list[str]]:
     if "--" in args:  # the caller split them already
         i = args.index("--")
         return args[:i], args[i + 1 :]
+    from mlx_flash import worker  # not at the top: `mlx-flash mcp` must start fast, without MLX
+
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     worker.add_engine_flags(p)
     _, rest = p.parse_known_args(args)
@@ -44,6 +49,8 @@ def split_worker_args(args: list[str]) -> tuple[list[str], list[str]]:
 
 def serve(args: list[str]) -> int:
     """Run the sidecar; workers are started with this interpreter unless told otherwise."""
+    from mlx_flash import _native
+
     os.environ.setdefault("MLX_FLASH_PYTHON", sys.executable)
     sidecar, workers = split_worker_args(args)
     try:
@@ -63,7 +70,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlx-flash {__version__}")  # noqa: T201 - user-facing
         return 0
     if command == "worker":
+        from mlx_flash import worker
+
         return worker.main(argv[1:], prog="mlx-flash worker")
+    if command == "mcp":
+        from mlx_flash.mcp import server
+
+        return server.main(argv[1:])
+    if command == "chat":
+        from mlx_flash import chat
+
+        return chat.main(argv[1:])
+    if command == "fit":
+        from mlx_flash import fit
+
+        return fit.main(argv[1:])
     if command == "experts":
         from mlx_flash.experts import trace
 

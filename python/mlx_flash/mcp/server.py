@@ -1,0 +1,139 @@
+"""`mlx-flash mcp`: an MCP server over stdio whose tools call a running mlx-flash server over HTTP.
+
+It never loads a model itself. The official `mcp` SDK answers both connection styles: the
+`initialize` handshake and the stateless 2026-07-28 `server/discover`; unknown methods get -32601.
+stdout carries only protocol messages; logs go to stderr; the process ends on stdin EOF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+import httpx
+from mcp.server import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+class Api:
+    """The running server's HTTP API, with the key when one is set."""
+
+    def __init__(self, url: str, api_key: str | None) -> None:
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=600)
+
+    async def get(self, path: str) -> Any:
+        response = await self.client.get(path)
+        return _json(response)
+
+    async def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        response = await self.client.post(path, json=body or {})
+        return _json(response)
+
+
+def _json(response: httpx.Response) -> Any:
+    """The body, or an error naming the server's own message (the SDK turns it into isError)."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = response.text
+    if response.is_error:
+        raise ToolError(f"server answered {response.status_code}: {body}")
+    return body
+
+
+def build(url: str, api_key: str | None) -> MCPServer:
+    """The MCP server with its seven tools, bound to the server at `url`."""
+    api = Api(url, api_key)
+    mcp: MCPServer = MCPServer(
+        "mlx-flash",
+        instructions="Generate text with local MLX models and manage the mlx-flash server at " + url,
+    )
+
+    @mcp.tool()
+    async def generate(
+        prompt: str, model: str | None = None, max_tokens: int = 256, temperature: float = 0.0
+    ) -> str:
+        """Complete raw text (no chat template) with a loaded model; returns the completion text.
+
+        prompt: the text to continue. model: a name from list_models (default: the server's first).
+        max_tokens: at most this many new tokens. temperature: 0 is greedy (deterministic).
+        """
+        body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature}
+        body["model"] = model or await _default_model(api)
+        reply = await api.post("/v1/completions", body)
+        return str(reply["choices"][0]["text"])
+
+    @mcp.tool()
+    async def chat(
+        messages: list[dict[str, str]],
+        model: str | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+    ) -> str:
+        """Answer a conversation with a loaded model, using its chat template; returns the reply.
+
+        messages: [{"role": "system"|"user"|"assistant", "content": "..."}], oldest first.
+        model: a name from list_models (default: the server's first). temperature: 0 is greedy.
+        """
+        body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+        body["model"] = model or await _default_model(api)
+        reply = await api.post("/v1/chat/completions", body)
+        return str(reply["choices"][0]["message"]["content"] or "")
+
+    @mcp.tool()
+    async def list_models() -> list[dict[str, Any]]:
+        """The models this server knows (OpenAI /v1/models entries: id, status, ...)."""
+        return list((await api.get("/v1/models"))["data"])
+
+    @mcp.tool()
+    async def load_model(model: str) -> Any:
+        """Load `model` (a name, alias or local path) into the workers so requests can use it."""
+        return await api.post(f"/admin/api/models/{model}/load")
+
+    @mcp.tool()
+    async def unload_model(model: str) -> Any:
+        """Unload `model` from the workers, freeing its memory."""
+        return await api.post(f"/admin/api/models/{model}/unload")
+
+    @mcp.tool()
+    async def check_memory() -> Any:
+        """This machine's memory as the server sees it (total, available, pressure; bytes)."""
+        return (await api.get("/admin/api/status"))["memory"]
+
+    @mcp.tool()
+    async def get_status() -> Any:
+        """The server's status: version, uptime, workers ready/failed, requests in flight, memory."""
+        return await api.get("/admin/api/status")
+
+    return mcp
+
+
+async def _default_model(api: Api) -> str:
+    data = (await api.get("/v1/models"))["data"]
+    if not data:
+        raise ToolError("the server has no model; load one with load_model")
+    return str(data[0]["id"])
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mlx-flash mcp", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--url",
+        default=os.environ.get("MLX_FLASH_URL", DEFAULT_URL),
+        help=f"the running mlx-flash server (default {DEFAULT_URL})",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("MLX_FLASH_API_KEY"),
+        help="the server's API key, if it has one (or MLX_FLASH_API_KEY)",
+    )
+    args = p.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)  # never stdout: it is the protocol
+    build(args.url, args.api_key).run("stdio")
+    return 0

@@ -1,0 +1,51 @@
+"""`mlx-flash fit` against numbers computed by hand."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from helpers import mlx_flash_command
+from mlx_flash.demo import DEMO_MODEL_PATH
+
+
+def _fit(*args: str) -> dict[str, float | str | None]:
+    out = subprocess.run(
+        [*mlx_flash_command(), "fit", *args, "--json"], capture_output=True, text=True, check=True
+    )
+    return dict(json.loads(out.stdout))
+
+
+def test_moe_30b_a3b_4bit_by_hand() -> None:
+    # 4-bit, group 64: 4 + 32/64 = 4.5 bits per weight.
+    # weights = 30e9 * 4.5 / 8 = 16.875e9 bytes; active = 3e9 * 4.5 / 8 = 1.6875e9 bytes; no KV shape.
+    base = ["--params", "30B", "--active", "3B", "--bits", "4"]
+    roomy = _fit(*base, "--memory", "32B")
+    assert roomy == {
+        "weights_bytes": 16.875e9,
+        "active_bytes": 1.6875e9,
+        "kv_bytes": 0.0,
+        "available_bytes": 32e9,
+        "verdict": "fits",
+        "min_tokens_per_second": None,
+    }
+    # 8 GB: 16.875 > 8 but 1.6875 <= 8, so experts stream; 3 GB/s / 1.6875 GB = 1.777... tok/s.
+    tight = _fit(*base, "--memory", "8B", "--disk-bandwidth", "3B")
+    assert tight["verdict"] == "fits with expert streaming"
+    assert abs(float(tight["min_tokens_per_second"] or 0) - 3e9 / 1.6875e9) < 1e-9
+    assert _fit(*base, "--memory", "1B")["verdict"] == "does not fit"
+
+
+def test_dense_8b_unquantized_does_not_stream() -> None:
+    # 16 bits: no groups, 8e9 * 16 / 8 = 16e9 bytes; dense (active = params) never streams.
+    out = _fit("--params", "8B", "--bits", "16", "--memory", "10B")
+    assert out["weights_bytes"] == 16e9 and out["verdict"] == "does not fit"
+
+
+def test_model_path_reads_config_and_safetensors_sizes() -> None:
+    # The demo: float32 (32 bits per weight), 4 layers, 2 KV heads, head_dim 48.
+    size = sum(f.stat().st_size for f in DEMO_MODEL_PATH.glob("*.safetensors"))
+    out = _fit("--model", str(DEMO_MODEL_PATH), "--context", "1024", "--memory", "1B")
+    assert out["weights_bytes"] == size  # params = size * 8 / 32, weights = params * 32 / 8
+    assert out["kv_bytes"] == 2 * 4 * 2 * 48 * 1024 * 2  # = 1,572,864 bytes
+    assert out["verdict"] == "fits"
