@@ -195,13 +195,13 @@ def run_worker(
 
 
 def _wait_listening(
-    proc: subprocess.Popen[bytes], log_path: Path, timeout: float, logger: str | None = None
+    proc: subprocess.Popen[bytes], log_path: Path, timeout: float, component: str | None = None
 ) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         # Only whole lines: the last one may still be half-written.
         for line in log_path.read_text(errors="replace").split("\n")[:-1]:
-            if '"msg":"listening"' in line and (logger is None or f'"logger":"{logger}"' in line):
+            if '"msg":"listening"' in line and (component is None or f'"component":"{component}"' in line):
                 entry = json.loads(line)
                 return f"http://{entry['host']}:{entry['port']}"
         if proc.poll() is not None:
@@ -242,7 +242,7 @@ def run_sidecar(log_path: Path, *args: str, workers: int = 2, timeout: float = 1
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     pids: set[int] = set()
     try:
-        url = _wait_listening(proc, log_path, timeout, logger="mlx_flash_sidecar")
+        url = _wait_listening(proc, log_path, timeout, component="sidecar")
         sidecar = Sidecar(url, proc, log_path)
         key = next((a.split("=", 1)[1] for a in args if a.startswith("--api-key=")), None)
         headers = {"Authorization": f"Bearer {key}"} if key else None

@@ -52,6 +52,8 @@ class WorkerConfig:
     prefix_cache_dir: str | None = None
     prefix_cache_disk_bytes: int = DEFAULT_PREFIX_CACHE_DISK_BYTES
     log_level: str = "info"
+    log_format: str = "json"  # or "text"
+    log_file: str | None = None
 
     def validate(self) -> None:
         if not self.uds and not is_loopback(self.host) and not self.api_key:

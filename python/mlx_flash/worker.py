@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import re
 import os
 import socket
 import sys
@@ -58,6 +59,8 @@ from mlx_flash.worker_state import WorkerState
 
 # Named explicitly: run as `python -m mlx_flash.worker`, __name__ is "__main__".
 log = logging.getLogger("mlx_flash.worker")
+# A client's X-Request-Id is kept only if it cannot forge log lines (the sidecar's rule).
+_SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 UNAUTHENTICATED = {"/health", "/ready"}
 # Route -> the API it belongs to (the `api` label); every other route is "other".
@@ -109,8 +112,11 @@ class Observe:
             return
         start = time.perf_counter()
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = headers.get("x-request-id", "")
+        if not _SANE_ID.fullmatch(request_id):
+            request_id = uuid.uuid4().hex
         status = 500
+        context = json_logging.start_request(request_id)
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -135,13 +141,13 @@ class Observe:
                 log.info(
                     "request",
                     extra={
-                        "request_id": request_id,
                         "method": scope["method"],
                         "path": scope["path"],
                         "status": status,
                         "seconds": round(elapsed, 4),
                     },
                 )
+            json_logging.end_request(context)
 
     def _authorized(self, headers: dict[str, str]) -> bool:
         assert self.api_key is not None
@@ -262,7 +268,7 @@ def _exit_with_parent(parent_pid: int, server: uvicorn.Server) -> None:
 
 def run(config: WorkerConfig) -> int:
     """Serve until interrupted; the model loads in the background while /ready says 503."""
-    json_logging.configure(config.log_level)
+    json_logging.configure(config.log_level, config.log_format, config.log_file, config.worker_id)
     state = WorkerState(config)
     try:
         config.validate()
@@ -423,6 +429,8 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--log-level", default=env_default("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
     )
+    p.add_argument("--log-format", default=env_default("LOG_FORMAT", "json"), choices=["json", "text"])
+    p.add_argument("--log-file", default=env_default("LOG_FILE", None), help="append log lines here, not stderr")
 
 
 def config_from(args: argparse.Namespace) -> WorkerConfig:
@@ -456,6 +464,8 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
         prefix_cache_dir=args.prefix_cache_dir,
         prefix_cache_disk_bytes=args.prefix_cache_disk_bytes,
         log_level=args.log_level,
+        log_format=args.log_format,
+        log_file=args.log_file,
     )
 
 

@@ -231,17 +231,10 @@ async function refresh() {
 }
 
 let logSeq = 0;
-let logsAvailable = true;
 
 async function pollLogs() {
-  if (!logsAvailable) return;
   try {
     const response = await api(`/admin/api/logs?since=${logSeq}&limit=200`);
-    if (response.status === 404) {
-      logsAvailable = false;
-      $("logs").textContent = "logs unavailable on this server";
-      return;
-    }
     if (!response.ok) throw new Error(await errorText(response));
     const body = await response.json();
     const box = $("logs");

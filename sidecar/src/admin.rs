@@ -2,14 +2,17 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::future::join_all;
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{ApiError, ErrorKind};
+use crate::logging::{self, Severity};
 use crate::workers::backend::{Backend, ModelStatus, State as WorkerState};
 use crate::AppState;
 
@@ -167,6 +170,43 @@ pub async fn status(State(state): State<AppState>) -> Json<Value> {
         "sessions": stats.sessions,
         "memory": memory,
     }))
+}
+
+/// `GET /admin/api/logs?since=N&limit=M&level=L&request_id=R` query.
+#[derive(Debug, Deserialize)]
+pub struct LogQuery {
+    since: Option<u64>,
+    limit: Option<usize>,
+    level: Option<String>,
+    request_id: Option<String>,
+}
+
+/// Most lines one call returns.
+const MAX_LOG_LINES: usize = 1000;
+
+/// `GET /admin/api/logs`: recent lines of the sidecar and its workers, oldest first, from `since`
+/// (the `next` of the previous answer), at `level` or above, about `request_id` if given.
+pub async fn logs(query: Result<Query<LogQuery>, QueryRejection>) -> Response {
+    let path = "/admin/api/logs";
+    let bad = |msg: String| ApiError::new(path, ErrorKind::BadParameter(msg)).into_response();
+    let Ok(Query(q)) = query else {
+        return bad("since and limit must be non-negative integers".into());
+    };
+    let level = match q.level.as_deref() {
+        None => Severity::Debug,
+        Some(name) => match Severity::parse(name) {
+            Some(level) => level,
+            None => {
+                return bad(format!(
+                    "level must be debug, info, warning or error, not {name:?}"
+                ))
+            }
+        },
+    };
+    let limit = q.limit.unwrap_or(200).min(MAX_LOG_LINES);
+    let (lines, next) =
+        logging::recent(q.since.unwrap_or(0), limit, level, q.request_id.as_deref());
+    Json(json!({"lines": lines, "next": next})).into_response()
 }
 
 #[cfg(test)]

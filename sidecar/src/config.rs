@@ -9,6 +9,7 @@ use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
 use crate::error::StartError;
+use crate::logging::Format;
 
 /// Routing policies, chosen with `--policy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -92,6 +93,12 @@ pub struct Config {
     #[arg(long, env = "MLX_FLASH_LOG_LEVEL", default_value = "info",
           value_parser = ["debug", "info", "warning", "error"])]
     pub log_level: String,
+    /// Log line format, for the sidecar's lines and its workers'.
+    #[arg(long, env = "MLX_FLASH_LOG_FORMAT", value_enum, default_value_t = Format::Json)]
+    pub log_format: Format,
+    /// Append log lines (the sidecar's and its workers') to this file instead of stderr.
+    #[arg(long, env = "MLX_FLASH_LOG_FILE")]
+    pub log_file: Option<PathBuf>,
     /// Arguments for every local worker (`mlx-flash worker --help` lists them).
     #[arg(last = true, value_name = "WORKER_ARGS")]
     pub worker_args: Vec<String>,

@@ -70,6 +70,9 @@ pub enum ErrorKind {
     /// The body could not be read from the client.
     #[error("Could not read the request body: {0}")]
     BadBody(String),
+    /// A query parameter of one of our own routes is invalid.
+    #[error("{0}")]
+    BadParameter(String),
     /// An admin route named an unknown worker.
     #[error("{0}")]
     NotFound(String),
@@ -87,7 +90,7 @@ impl ErrorKind {
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::Forbidden(_) => StatusCode::FORBIDDEN,
             ErrorKind::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorKind::BadBody(_) => StatusCode::BAD_REQUEST,
+            ErrorKind::BadBody(_) | ErrorKind::BadParameter(_) => StatusCode::BAD_REQUEST,
             ErrorKind::NotFound(_) => StatusCode::NOT_FOUND,
             ErrorKind::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Upstream(_) => StatusCode::BAD_GATEWAY,
@@ -100,6 +103,7 @@ impl ErrorKind {
             ErrorKind::Forbidden(_) => "forbidden",
             ErrorKind::PayloadTooLarge(_) => "request_too_large",
             ErrorKind::BadBody(_) => "invalid_body",
+            ErrorKind::BadParameter(_) => "invalid_parameter",
             ErrorKind::NotFound(_) => "not_found",
             ErrorKind::Unavailable(_) => "no_worker_available",
             ErrorKind::Upstream(_) => "upstream_error",

@@ -97,6 +97,7 @@ pub fn app(state: AppState) -> Router {
     let admin_actions = Router::new()
         .route("/admin/api/workers/{id}/restart", post(admin::restart))
         .route("/admin/api/shutdown", post(admin::shutdown))
+        .route("/admin/api/logs", get(admin::logs))
         // A wildcard must come last: the handler splits `/load` or `/unload` off the name.
         .route("/admin/api/models/{*rest}", post(model_admin::action))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::admin));
@@ -278,8 +279,16 @@ pub async fn serve(
     settings: Settings,
     signal: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    logging::init(&settings.flags.log_level);
     let flags = &settings.flags;
+    logging::init(
+        &flags.log_level,
+        flags.log_format,
+        flags.log_file.as_deref(),
+    )
+    .map_err(|source| StartError::Io {
+        what: format!("cannot open the log file {:?}", flags.log_file),
+        source,
+    })?;
     let address = format!("{}:{}", flags.host.trim_matches(['[', ']']), flags.port);
     let listener = TcpListener::bind(&address)
         .await

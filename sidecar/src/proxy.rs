@@ -6,6 +6,8 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::Instant;
 
+use tracing::Instrument;
+
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -71,9 +73,74 @@ pub fn route_label(path: &str) -> &'static str {
 }
 
 /// The fallback handler: route, forward, fail over before the first byte, relay the response.
-pub async fn proxy(State(state): State<AppState>, request: Request) -> Response {
+/// Every line logged about the request carries its id, which the response returns.
+pub async fn proxy(State(state): State<AppState>, mut request: Request) -> Response {
+    let request_id = request_id(request.headers());
+    request
+        .headers_mut()
+        .insert("x-request-id", request_id.clone());
+    let id = request_id.to_str().unwrap_or_default().to_owned();
+    let span = tracing::info_span!("request", request_id = %id);
+    let mut access = Some(AccessLog {
+        request_id: id,
+        method: request.method().to_string(),
+        path: request.uri().path().to_owned(),
+        started: Instant::now(),
+        status: 0,
+        worker: None,
+        model: None,
+    });
+    let mut response = route_and_forward(&state, request, &mut access)
+        .instrument(span)
+        .await;
+    response
+        .headers_mut()
+        .entry("x-request-id")
+        .or_insert(request_id);
+    // A relayed response took the line, to write when its body ends; one refused here writes it now.
+    if let Some(mut access) = access {
+        access.status = response.status().as_u16();
+        access.write();
+    }
+    response
+}
+
+/// A request's one access line, written when its response has ended (a stream: its last byte).
+#[derive(Debug)]
+pub struct AccessLog {
+    /// The id every line about this request carries.
+    pub request_id: String,
+    method: String,
+    path: String,
+    started: Instant,
+    status: u16,
+    worker: Option<Arc<str>>,
+    model: Option<String>,
+}
+
+impl AccessLog {
+    /// Write the line.
+    pub fn write(&self) {
+        tracing::info!(
+            request_id = %self.request_id,
+            worker = self.worker.as_deref(),
+            model = self.model.as_deref(),
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            seconds = (self.started.elapsed().as_secs_f64() * 1e4).round() / 1e4,
+            "request"
+        );
+    }
+}
+
+async fn route_and_forward(
+    state: &AppState,
+    request: Request,
+    access: &mut Option<AccessLog>,
+) -> Response {
     let started = Instant::now();
-    let (mut parts, body) = request.into_parts();
+    let (parts, body) = request.into_parts();
     let path = parts.uri.path().to_owned();
     let fail = |kind| ApiError::new(&path, kind).into_response();
     let body = match Limited::new(body, state.settings.flags.max_body_bytes)
@@ -93,14 +160,9 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Response 
         // `GET /v1/models/{id}` names its model in the path: ask a worker that serves it.
         info.model = path_model(&path);
     }
-    let request_id = match parts.headers.get("x-request-id") {
-        Some(id) => id.clone(),
-        None => {
-            let id = new_request_id();
-            parts.headers.insert("x-request-id", id.clone());
-            id
-        }
-    };
+    if let Some(access) = access.as_mut() {
+        access.model = info.model.clone();
+    }
     let route = route_label(&path);
     let path_and_query = parts
         .uri
@@ -158,15 +220,18 @@ pub async fn proxy(State(state): State<AppState>, request: Request) -> Response 
                 if let Ok(id) = HeaderValue::from_str(&backend.id) {
                     head.headers.insert("x-worker-id", id);
                 }
-                head.headers
-                    .entry("x-request-id")
-                    .or_insert(request_id.clone());
                 state
                     .metrics
                     .requests
                     .with_label_values(&[route, head.status.as_str()])
                     .inc();
+                let access = access.take().map(|mut a| {
+                    a.status = head.status.as_u16();
+                    a.worker = Some(backend.id.clone());
+                    a
+                });
                 let on_end = OnEnd {
+                    access,
                     started,
                     duration: state.metrics.request_duration.with_label_values(&[route]),
                     stream_errors: state
@@ -238,6 +303,22 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The client's `X-Request-Id` if it is a sane token (at most 128 of `A-Za-z0-9._:-`, so it cannot
+/// forge log lines), else a new one.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    let sane = |v: &&HeaderValue| {
+        let b = v.as_bytes();
+        !b.is_empty()
+            && b.len() <= 128
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"._:-".contains(c))
+    };
+    match headers.get("x-request-id").filter(sane) {
+        Some(id) => id.clone(),
+        None => new_request_id(),
+    }
+}
+
 /// A random 128-bit hex id (std's per-instance random hasher keys, no extra dependency).
 fn new_request_id() -> HeaderValue {
     let a = RandomState::new().hash_one(Instant::now());
@@ -270,5 +351,19 @@ mod tests {
     #[test]
     fn request_ids_differ() {
         assert_ne!(new_request_id(), new_request_id());
+    }
+
+    #[test]
+    fn a_client_request_id_is_kept_only_when_sane() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-request-id", HeaderValue::from_str(v).unwrap());
+            request_id(&h)
+        };
+        assert_eq!(with("trace-42.a:b_c"), "trace-42.a:b_c");
+        assert_ne!(with("two words"), "two words");
+        assert_ne!(with("a\"b"), "a\"b");
+        assert_ne!(with(&"x".repeat(129)), "x".repeat(129));
+        assert_eq!(request_id(&HeaderMap::new()).len(), 32);
     }
 }

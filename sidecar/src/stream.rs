@@ -13,6 +13,7 @@ use hyper::StatusCode;
 use prometheus::{Histogram, IntCounter};
 
 use crate::error::{error_body, Family};
+use crate::proxy::AccessLog;
 use crate::workers::backend::InFlight;
 
 /// How a response body is framed, which decides how a mid-stream failure is reported.
@@ -61,6 +62,8 @@ impl Framing {
 
 /// Observations made when the body ends, however it ends.
 pub struct OnEnd {
+    /// The request's access line.
+    pub access: Option<AccessLog>,
     /// Request start.
     pub started: Instant,
     /// Observes the whole request's duration.
@@ -97,6 +100,9 @@ impl Relay {
         self.guard = None;
         if let Some(end) = self.on_end.take() {
             end.duration.observe(end.started.elapsed().as_secs_f64());
+            if let Some(access) = &end.access {
+                access.write();
+            }
         }
     }
 }
@@ -143,7 +149,10 @@ impl Body for Relay {
                     "worker {} failed mid-response: {e}",
                     worker.as_deref().unwrap_or("?")
                 );
-                tracing::warn!(worker = ?worker, error = %e, "upstream failed mid-response");
+                let request_id = this.on_end.as_ref().and_then(|e| e.access.as_ref());
+                let request_id = request_id.map(|a| a.request_id.as_str());
+                tracing::warn!(request_id, worker = worker.as_deref(), error = %e,
+                    "upstream failed mid-response");
                 if let Some(end) = &this.on_end {
                     end.stream_errors.inc();
                 }

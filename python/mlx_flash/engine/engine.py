@@ -22,6 +22,7 @@ from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, BatchGenerator, Generati
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import LogitsProcessor, Sampler, make_logits_processors, make_sampler
 
+from mlx_flash import logging as json_logging
 from mlx_flash import metrics
 from mlx_flash.config import DEFAULT_PREFILL_BUDGET, DEFAULT_PREFILL_STEP, DEFAULT_PREFIX_CACHE_BYTES
 from mlx_flash.engine.logprobs import TokenBytes, token_logprob
@@ -57,6 +58,8 @@ class RequestHandle:
     ) -> None:
         self.request = request
         self.submitted = time.perf_counter()
+        # The engine thread logs about this request with these (request_id, model).
+        self.log_fields = json_logging.request_fields()
         self._loop = loop
         self._on_close = on_close
         self._events: asyncio.Queue[Event] = asyncio.Queue()
@@ -249,7 +252,7 @@ class Engine:
                 if stream.step(_Step(int(token), logprobs, finish)):
                     break
         except Exception:
-            log.exception("generation failed", extra={"model": self.loaded.id})
+            log.exception("generation failed", extra={**handle.log_fields, "model": self.loaded.id})
             stream.fail("internal error during generation")
             return
         finally:
@@ -285,7 +288,7 @@ class Engine:
                 logits_processors=[_logits_processors(req.sampling)],
             )
         except Exception:
-            log.exception("could not start generation", extra={"model": self.loaded.id})
+            log.exception("could not start generation", extra={**handle.log_fields, "model": self.loaded.id})
             handle.emit(Failed("internal error during generation"))
             handle.closed()
             return
@@ -353,6 +356,7 @@ class _Stream:
         self._engine = engine
         self._started = time.perf_counter()
         self._first = 0.0
+        self._finished: FinishReason | None = None
         metrics.QUEUE_SECONDS.labels(model=model_id).observe(self._started - handle.submitted)
         metrics.PROMPT_TOKENS.labels(model=model_id).inc(len(handle.request.prompt_tokens))
         self._running = metrics.REQUESTS_RUNNING.labels(model=model_id)
@@ -405,11 +409,13 @@ class _Stream:
         return False
 
     def _finish(self, reason: FinishReason) -> None:
+        self._finished = reason
         req = self.handle.request
         matched = self._matcher.matched
         self.handle.emit(Finished(reason, len(req.prompt_tokens), self._completion, self.cached, matched))
 
     def fail(self, message: str) -> None:
+        log.warning("generation failed", extra={**self._log_fields(), "error": message})
         self.handle.emit(Failed(message))
         self.close()
 
@@ -417,7 +423,24 @@ class _Stream:
         if self._first:
             metrics.DECODE_SECONDS.labels(model=self._engine.loaded.id).observe(self._last - self._first)
         self._running.dec()
+        if self._finished or self.handle.cancelled:
+            decode = self._last - self._first
+            log.info(
+                "generation",
+                extra={
+                    **self._log_fields(),
+                    "finish": self._finished or "cancelled",
+                    "prompt_tokens": len(self.handle.request.prompt_tokens),
+                    "cached_tokens": self.cached,
+                    "completion_tokens": self._completion,
+                    "ttft_seconds": round(self._first - self.handle.submitted, 4) if self._first else None,
+                    "tokens_per_second": round((self._completion - 1) / decode, 1) if decode > 0 else None,
+                },
+            )
         self.handle.closed()
+
+    def _log_fields(self) -> dict[str, object]:
+        return {**self.handle.log_fields, "model": self._engine.loaded.id}
 
 
 def _emit(handle: RequestHandle, pieces: list[Piece[TokenLogprob | None]]) -> None:

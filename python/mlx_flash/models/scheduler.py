@@ -171,6 +171,7 @@ class Scheduler:
     async def lease(self, name: str, download: bool = False) -> Lease:
         """Hold the model `name` names, loading it first if needed (evicting idle ones for room)."""
         entry = self.entry(name)
+        json_logging.bind(model=entry.id)
         entry.holders += 1
         try:
             while entry.engine is None:

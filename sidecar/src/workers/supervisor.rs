@@ -2,7 +2,6 @@
 //! own process group, wait for readiness, ping for liveness, restart with back-off up to a cap,
 //! forward its output into our log, and terminate it (and its group) on shutdown.
 
-use std::io::Write;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -227,6 +226,8 @@ fn worker_command(settings: &Settings, id: &str, socket: &Path) -> Command {
         .arg(socket)
         .args(["--parent-pid", &std::process::id().to_string()])
         .args(["--log-level", &flags.log_level])
+        // We parse its lines, tag them, and write them in our format to our destination.
+        .args(["--log-format", "json"])
         .args(["--max-body-bytes", &flags.max_body_bytes.to_string()])
         // Workers on one machine share its memory; each learns its name and how many share it.
         .args(["--worker-id", id])
@@ -236,6 +237,8 @@ fn worker_command(settings: &Settings, id: &str, socket: &Path) -> Command {
         .env_remove("MLX_FLASH_API_KEY")
         .env_remove("MLX_FLASH_HOST")
         .env_remove("MLX_FLASH_PORT")
+        .env_remove("MLX_FLASH_LOG_FILE")
+        .env_remove("MLX_FLASH_LOG_FORMAT")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -273,22 +276,7 @@ async fn kill_group(child: &mut Child) {
 async fn forward_output(worker: Arc<str>, stream: impl AsyncRead + Unpin) {
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        let entry = match serde_json::from_str::<serde_json::Value>(&line) {
-            Ok(serde_json::Value::Object(mut fields)) => {
-                fields.insert("worker".into(), worker.to_string().into());
-                serde_json::Value::Object(fields)
-            }
-            // Not one of our JSON lines (a crash trace, a library's print): keep it verbatim.
-            _ => serde_json::json!({
-                "ts": crate::logging::timestamp(),
-                "level": "info",
-                "logger": "worker.output",
-                "msg": line,
-                "worker": &*worker,
-            }),
-        };
-        let mut err = std::io::stderr().lock();
-        let _ = writeln!(err, "{entry}");
+        crate::logging::worker_line(&worker, &line);
     }
 }
 
