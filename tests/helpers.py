@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -194,16 +195,23 @@ def run_worker(
                 proc.wait(5)
 
 
+_TEXT_LISTENING = re.compile(r"^\S+ INFO +(?P<component>\S+) listening .*\burl=(?P<url>http://\S+)")
+
+
 def _wait_listening(
     proc: subprocess.Popen[bytes], log_path: Path, timeout: float, component: str | None = None
 ) -> str:
+    """The URL from the first `listening` line (JSON or text format) of `component`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         # Only whole lines: the last one may still be half-written.
-        for line in log_path.read_text(errors="replace").split("\n")[:-1]:
-            if '"msg":"listening"' in line and (component is None or f'"component":"{component}"' in line):
+        for line in log_path.read_text(errors="replace").split("\n")[:-1] if log_path.exists() else []:
+            if line.startswith("{") and '"msg":"listening"' in line:
                 entry = json.loads(line)
-                return f"http://{entry['host']}:{entry['port']}"
+                if component is None or entry["component"] == component:
+                    return f"http://{entry['host']}:{entry['port']}"
+            elif (m := _TEXT_LISTENING.match(line)) and component in (None, m["component"]):
+                return m["url"]
         if proc.poll() is not None:
             raise RuntimeError(f"worker exited with {proc.returncode}:\n{log_path.read_text()}")
         time.sleep(0.05)
@@ -236,13 +244,17 @@ def mlx_flash_command() -> list[str]:
 
 @contextmanager
 def run_sidecar(log_path: Path, *args: str, workers: int = 2, timeout: float = 120.0) -> Iterator[Sidecar]:
-    """`mlx-flash serve --workers N` on a free port; waits for every worker; always cleans up."""
+    """`mlx-flash serve --workers N` on a free port; waits for every worker; always cleans up.
+    With `--log-file=PATH` among `args` the log is read from there."""
     cmd = [*mlx_flash_command(), "serve", "--port", "0", "--workers", str(workers), *args]
+    log_file_arg = next((a.split("=", 1)[1] for a in args if a.startswith("--log-file=")), None)
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     pids: set[int] = set()
     try:
-        url = _wait_listening(proc, log_path, timeout, component="sidecar")
+        url = _wait_listening(
+            proc, Path(log_file_arg) if log_file_arg else log_path, timeout, component="sidecar"
+        )
         sidecar = Sidecar(url, proc, log_path)
         key = next((a.split("=", 1)[1] for a in args if a.startswith("--api-key=")), None)
         headers = {"Authorization": f"Bearer {key}"} if key else None

@@ -115,7 +115,9 @@ def _text_value(value: Any) -> str:
     return orjson.dumps(value, default=str).decode()
 
 
-def configure(level: str = "info", fmt: str = "json", file: str | None = None, worker: str | None = None) -> None:
+def configure(
+    level: str = "info", fmt: str = "json", file: str | None = None, worker: str | None = None
+) -> None:
     """Log at `level` as `fmt` (json or text) to `file` (appended) or stderr."""
     handler: logging.Handler = logging.FileHandler(file) if file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(TextFormatter() if fmt == "text" else JsonFormatter())

@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import re
 import os
+import re
 import socket
 import sys
 import threading
@@ -430,7 +430,9 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
         "--log-level", default=env_default("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
     )
     p.add_argument("--log-format", default=env_default("LOG_FORMAT", "json"), choices=["json", "text"])
-    p.add_argument("--log-file", default=env_default("LOG_FILE", None), help="append log lines here, not stderr")
+    p.add_argument(
+        "--log-file", default=env_default("LOG_FILE", None), help="append log lines here, not stderr"
+    )
 
 
 def config_from(args: argparse.Namespace) -> WorkerConfig:

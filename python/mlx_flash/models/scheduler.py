@@ -24,6 +24,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.utils import load_config
 
+from mlx_flash import logging as json_logging
 from mlx_flash import memory, metrics
 from mlx_flash.api.errors import (
     ApiError,
