@@ -6,12 +6,13 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::fs::File;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -87,6 +88,8 @@ struct Sink {
 struct Output {
     format: Format,
     file: Option<File>,
+    /// On a terminal: model downloads and loads drawn as bars instead of progress lines.
+    bars: Option<Bars>,
 }
 
 struct Ring {
@@ -101,6 +104,7 @@ fn sink() -> &'static Sink {
         out: Mutex::new(Output {
             format: Format::Json,
             file: None,
+            bars: None,
         }),
         ring: Mutex::new(Ring {
             lines: VecDeque::with_capacity(RING_LINES),
@@ -119,7 +123,9 @@ pub fn init(level: &str, format: Format, file: Option<&Path>) -> std::io::Result
     let s = sink();
     let level = Severity::parse(level).unwrap_or(Severity::Info);
     s.level.store(level as u8, Ordering::Relaxed);
-    *s.out.lock().unwrap_or_else(|e| e.into_inner()) = Output { format, file };
+    let bars = (file.is_none() && std::io::stderr().is_terminal())
+        .then(|| Bars::new(ProgressDrawTarget::stderr()));
+    *s.out.lock().unwrap_or_else(|e| e.into_inner()) = Output { format, file, bars };
     let _ = tracing_subscriber::registry().with(SinkLayer).try_init();
     Ok(())
 }
@@ -173,10 +179,16 @@ fn emit(entry: Map<String, Value>) {
             Format::Json => entry.to_string(),
             Format::Text => text(&entry),
         };
-        let _ = match out.file.as_mut() {
-            Some(file) => writeln!(file, "{line}"),
-            None => writeln!(std::io::stderr().lock(), "{line}"),
-        };
+        let Output { file, bars, .. } = &mut *out;
+        match (file, bars) {
+            (Some(file), _) => {
+                let _ = writeln!(file, "{line}");
+            }
+            (None, Some(bars)) => bars.show(&entry, &line),
+            (None, None) => {
+                let _ = writeln!(std::io::stderr().lock(), "{line}");
+            }
+        }
     }
     let mut ring = s.ring.lock().unwrap_or_else(|e| e.into_inner());
     if ring.lines.len() == RING_LINES {
@@ -185,6 +197,77 @@ fn emit(entry: Map<String, Value>) {
     let seq = ring.next;
     ring.next += 1;
     ring.lines.push_back((seq, entry));
+}
+
+/// Progress bars of model downloads and loads, fed by the workers' progress lines (`percent`,
+/// `bytes`, `total_bytes`); a bar goes when its model's `model loaded`, `model downloaded` or
+/// `model failed to load` line comes. Other lines print above the bars.
+struct Bars {
+    multi: MultiProgress,
+    active: Vec<(String, ProgressBar)>,
+}
+
+impl Bars {
+    fn new(target: ProgressDrawTarget) -> Self {
+        Bars {
+            multi: MultiProgress::with_draw_target(target),
+            active: Vec::new(),
+        }
+    }
+
+    /// Draw `entry` as a bar, or print its `line`.
+    fn show(&mut self, entry: &Value, line: &str) {
+        let get = |key: &str| entry.get(key).and_then(Value::as_str).unwrap_or("");
+        let (msg, model, worker) = (get("msg"), get("model"), get("worker"));
+        let num = |key: &str| entry.get(key).and_then(Value::as_u64);
+        if let ("loading model" | "downloading model", Some(done), Some(total)) =
+            (msg, num("bytes"), num("total_bytes"))
+        {
+            let key = format!("{worker}\0{model}\0{msg}");
+            let bar = match self.active.iter().find(|(k, _)| *k == key) {
+                Some((_, bar)) => bar.clone(),
+                None => {
+                    let bar = self.multi.add(ProgressBar::new(total));
+                    let style = ProgressStyle::with_template(
+                        "{msg} [{bar:30}] {percent:>3}% {bytes}/{total_bytes} {elapsed}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> ");
+                    bar.set_style(style);
+                    let on = if worker.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({worker})")
+                    };
+                    bar.set_message(format!("{msg} {model}{on}"));
+                    self.active.push((key, bar.clone()));
+                    bar
+                }
+            };
+            bar.set_length(total);
+            bar.set_position(done);
+            return;
+        }
+        if matches!(
+            msg,
+            "model loaded" | "model downloaded" | "model failed to load"
+        ) {
+            let prefix = format!("{worker}\0{model}\0");
+            self.active.retain(|(key, bar)| {
+                let done = key.starts_with(&prefix);
+                if done {
+                    bar.finish_and_clear();
+                    self.multi.remove(bar);
+                }
+                !done
+            });
+        }
+        if self.active.is_empty() {
+            let _ = writeln!(std::io::stderr().lock(), "{line}");
+        } else {
+            let _ = self.multi.println(line);
+        }
+    }
 }
 
 /// `ts LEVEL component msg key=value ...` (values that hold spaces are JSON-quoted).
@@ -413,6 +496,34 @@ mod tests {
             text(&entry),
             "T INFO    sidecar.proxy request request_id=abc path=\"/v1/x y\" status=200"
         );
+    }
+
+    #[test]
+    fn progress_lines_become_bars_until_their_model_is_loaded() {
+        let mut bars = Bars::new(ProgressDrawTarget::hidden());
+        let progress = |worker: &str, done: u64| {
+            json!({"msg": "loading model", "model": "demo", "worker": worker, "percent": done,
+                "bytes": done, "total_bytes": 100})
+        };
+        bars.show(&progress("worker-0", 10), "");
+        bars.show(&progress("worker-0", 50), "");
+        assert_eq!(bars.active.len(), 1);
+        assert_eq!(bars.active[0].1.position(), 50);
+        assert_eq!(bars.active[0].1.length(), Some(100));
+        bars.show(&progress("worker-1", 20), "");
+        assert_eq!(bars.active.len(), 2);
+        // A line without progress fields is printed, not drawn.
+        bars.show(
+            &json!({"msg": "loading model", "model": "demo", "worker": "worker-0"}),
+            "",
+        );
+        assert_eq!(bars.active.len(), 2);
+        bars.show(
+            &json!({"msg": "model loaded", "model": "demo", "worker": "worker-0"}),
+            "",
+        );
+        assert_eq!(bars.active.len(), 1);
+        assert!(bars.active[0].0.starts_with("worker-1"));
     }
 
     #[test]

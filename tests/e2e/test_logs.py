@@ -106,6 +106,10 @@ def test_the_ring_pages_and_filters(sidecar: Sidecar) -> None:
     everything = httpx.get(url, params={"limit": 1000}, timeout=10).json()["lines"]
     assert any(line["component"] == "worker.worker" and line["msg"] == "ready" for line in everything)
     assert all(line["worker"] == "worker-0" for line in everything if line["component"].startswith("worker."))
+    # Not a terminal: the model's load progress is written as lines (a terminal gets a bar instead).
+    written = [json.loads(line) for line in sidecar.log().splitlines() if line.startswith("{")]
+    loading = [line["percent"] for line in written if line["msg"] == "loading model" and "percent" in line]
+    assert loading and loading == sorted(loading) and max(loading) < 100, loading
     warnings = httpx.get(url, params={"level": "warning", "limit": 1000}, timeout=10).json()["lines"]
     assert all(line["level"] in ("warning", "error") for line in warnings)
     tail = httpx.get(url, params={"since": everything[-1]["seq"] + 1}, timeout=10).json()

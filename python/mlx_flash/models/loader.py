@@ -16,13 +16,15 @@ from mlx_lm.utils import load
 
 from mlx_flash.demo import DEMO_MODEL_PATH
 from mlx_flash.experts.streamer import ExpertPlan, ExpertStreamer
+from mlx_flash.models.progress import ProgressLog, download_progress
 
 log = logging.getLogger(__name__)
 
 DEMO = "demo"
 # What mlx-lm needs from a hub repository (its own default set, minus the other weight formats).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.py", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
-# Weights are read in groups of about this many bytes, so loading reports its progress.
+# Weights are read in groups of a twentieth of the model, at most this many bytes, so loading reports
+# its progress.
 PROGRESS_STEP_BYTES = 256 << 20
 
 
@@ -75,7 +77,11 @@ def resolve(name: str, download: bool = True) -> Path:
     from huggingface_hub import snapshot_download
 
     log.info("downloading model from the hub", extra={"model": name})
-    return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    start = time.perf_counter()
+    path = Path(snapshot_download(name, allow_patterns=HUB_PATTERNS, tqdm_class=download_progress(name)))
+    seconds = round(time.perf_counter() - start, 3)
+    log.info("model downloaded", extra={"model": name, "bytes": weight_file_bytes(path), "seconds": seconds})
+    return path
 
 
 def weight_file_bytes(path: Path) -> int:
@@ -151,20 +157,19 @@ def load_model(
     streamer = _stream_experts(name, model, path, experts, expert_policy) if experts else None
     leaves = cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))
     total = sum(int(array.nbytes) for _, array in leaves)
-    done, group, group_bytes, reported = 0, [], 0, -1
+    done, group, group_bytes = 0, [], 0
+    step = min(PROGRESS_STEP_BYTES, total // 20)
+    progress = ProgressLog(name, "loading model")
     for _, array in leaves:
         group.append(array)
         group_bytes += int(array.nbytes)
-        if group_bytes >= PROGRESS_STEP_BYTES or array is leaves[-1][1]:
+        if group_bytes >= step or array is leaves[-1][1]:
             mx.eval(group)
             done += group_bytes
             group, group_bytes = [], 0
             if on_progress is not None:
                 on_progress(done, total)
-            percent = done * 100 // max(total, 1)
-            if percent // 10 > reported // 10 and percent < 100:
-                reported = percent
-                log.info("loading model", extra={"model": name, "percent": percent, "bytes": done})
+            progress.update(done, total)
     loaded = LoadedModel(
         id=name,
         path=path,
