@@ -25,6 +25,7 @@ from mlx_flash.api.errors import InternalError, InvalidRequest
 from mlx_flash.api.fields import Fields
 from mlx_flash.api.ollama_models import DEFAULT_OPTIONS, keep_alive, parse_keep_alive
 from mlx_flash.api.openai import budget
+from mlx_flash.api.structured import constraint, ollama_format
 from mlx_flash.api.turn import Clock, gather
 from mlx_flash.engine.engine import Engine, RequestHandle
 from mlx_flash.engine.prompt import encode_chat, encode_text
@@ -103,8 +104,6 @@ def _reject_unsupported(body: dict[str, Any], keys: tuple[str, ...]) -> None:
     for key in keys:
         if body.get(key):
             raise InvalidRequest(f"{key} is not supported by this server")
-    if body.get("format"):
-        raise InvalidRequest("format is not supported by this server yet")
     if body.get("tools"):
         raise InvalidRequest("tools are not supported by this server yet")
 
@@ -240,7 +239,8 @@ async def _serve(
         options = parse_options(body)
         prompt = await build(body, lease)
         max_tokens = budget(engine, len(prompt), options.max_tokens, "messages" if chat else "prompt")
-        gen = GenerationRequest(prompt, max_tokens, options.sampling, options.stop)
+        masker = await constraint(engine, ollama_format(body.get("format")), "format")
+        gen = GenerationRequest(prompt, max_tokens, options.sampling, options.stop, constraint=masker)
         handle = await lease.start(gen, max_tokens_given=options.max_tokens is not None)
     if seconds is not None:
         keep_alive(request).set(scheduler, lease.entry, seconds)

@@ -24,6 +24,7 @@ from mlx_flash.api.errors import (
     InvalidRequest,
 )
 from mlx_flash.api.fields import Fields
+from mlx_flash.api.structured import constraint, openai_format
 from mlx_flash.engine.engine import Engine, RequestHandle
 from mlx_flash.engine.prompt import encode_chat, encode_text
 from mlx_flash.engine.request import (
@@ -167,11 +168,6 @@ def _content(value: Any, where: str, *, optional: bool) -> str:
 def reject_unsupported(f: Fields) -> None:
     if f.body.get("tools"):
         raise InvalidRequest("tools: tool calling is not supported by this server yet", param="tools")
-    fmt = f.obj("response_format")
-    if fmt is not None and fmt.get("type") != "text":
-        raise InvalidRequest(
-            "response_format other than 'text' is not supported by this server yet", "response_format"
-        )
 
 
 def budget(engine: Engine, prompt_len: int, requested: int | None, param: str) -> int:
@@ -336,7 +332,9 @@ async def _chat(request: Request, body: dict[str, Any], f: Fields, lease: Lease)
     tokenizer = engine.loaded.tokenizer
     prompt = await run_in_threadpool(encode_chat, tokenizer, messages, kwargs)
     max_tokens = budget(engine, len(prompt), common.max_tokens, "messages")
-    gen = GenerationRequest(prompt, max_tokens, common.sampling, common.stop, logprobs, top)
+    schema = openai_format(body.get("response_format"), "response_format", nested=True)
+    masker = await constraint(engine, schema, "response_format")
+    gen = GenerationRequest(prompt, max_tokens, common.sampling, common.stop, logprobs, top, masker)
     handle = await lease.start(gen, max_tokens_given=common.max_tokens is not None)
     env = Envelope(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", engine.loaded.id, common.include_usage)
 

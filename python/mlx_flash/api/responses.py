@@ -18,6 +18,7 @@ from mlx_flash.api.errors import ApiError, InternalError, InvalidRequest
 from mlx_flash.api.fields import Fields
 from mlx_flash.api.openai import SSE_HEADERS, _with_model, budget, error_body
 from mlx_flash.api.response_store import ResponseStore
+from mlx_flash.api.structured import constraint, openai_format
 from mlx_flash.api.turn import gather
 from mlx_flash.engine.engine import RequestHandle
 from mlx_flash.engine.prompt import encode_chat
@@ -98,10 +99,6 @@ def _sampling(f: Fields) -> SamplingParams:
 def _reject_unsupported(body: dict[str, Any], f: Fields) -> None:
     if body.get("tools"):
         raise InvalidRequest("tools: tool calling is not supported by this server yet", param="tools")
-    text = f.obj("text")
-    fmt = Fields(text, "text.").obj("format") if text else None
-    if fmt is not None and fmt.get("type") != "text":
-        raise InvalidRequest("text.format other than 'text' is not supported yet", param="text.format")
 
 
 # ---------------------------------------------------------------- response objects
@@ -202,8 +199,11 @@ async def _create(request: Request, body: dict[str, Any], f: Fields, lease: Leas
     tokenizer = engine.loaded.tokenizer
     prompt = await run_in_threadpool(encode_chat, tokenizer, messages, {})
     limit = budget(engine, len(prompt), max_tokens, "input")
+    text = f.obj("text") or {}
+    schema = openai_format(text.get("format"), "text.format", nested=False)
+    masker = await constraint(engine, schema, "text.format")
     handle = await lease.start(
-        GenerationRequest(prompt, limit, sampling), max_tokens_given=max_tokens is not None
+        GenerationRequest(prompt, limit, sampling, constraint=masker), max_tokens_given=max_tokens is not None
     )
     draft = Draft(body, f, engine.loaded.id, previous)
 

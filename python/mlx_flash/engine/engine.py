@@ -25,6 +25,7 @@ from mlx_lm.sample_utils import LogitsProcessor, Sampler, make_logits_processors
 from mlx_flash import logging as json_logging
 from mlx_flash import metrics
 from mlx_flash.config import DEFAULT_PREFILL_BUDGET, DEFAULT_PREFILL_STEP, DEFAULT_PREFIX_CACHE_BYTES
+from mlx_flash.engine.constrain import Grammars
 from mlx_flash.engine.logprobs import TokenBytes, token_logprob
 from mlx_flash.engine.pacing import PrefillPacer
 from mlx_flash.engine.prefix_cache import PrefixCache
@@ -118,6 +119,8 @@ class Engine:
         self.kv_quantization = kv_quantization
         self.token_bytes = TokenBytes(loaded.tokenizer)
         self.vocab_size = int(loaded.config.get("vocab_size") or len(loaded.tokenizer))
+        tokenizer = loaded.tokenizer
+        self.grammars = Grammars(tokenizer._tokenizer, self.vocab_size, sorted(tokenizer.eos_token_ids))
         self._jobs: queue.Queue[RequestHandle | None] = queue.Queue()
         self._waiting = metrics.REQUESTS_WAITING.labels(model=loaded.id)
         self._chunk_tokens = metrics.PREFILL_CHUNK_TOKENS.labels(model=loaded.id)
@@ -238,7 +241,7 @@ class Engine:
             self.loaded.model,
             max_tokens=req.max_tokens,
             sampler=_sampler(req.sampling),
-            logits_processors=_logits_processors(req.sampling),
+            logits_processors=_logits_processors(req),
             prompt_cache=cache,
             prefill_step_size=self.prefill_step,
             kv_bits=q.bits,
@@ -285,7 +288,7 @@ class Engine:
                 all_tokens=[req.prompt_tokens[:cached]],
                 # None entries take the generator's shared greedy sampler (mlx-lm's own normalisation).
                 samplers=[_sampler(req.sampling)],  # type: ignore[list-item]
-                logits_processors=[_logits_processors(req.sampling)],
+                logits_processors=[_logits_processors(req)],
             )
         except Exception:
             log.exception("could not start generation", extra={**handle.log_fields, "model": self.loaded.id})
@@ -333,8 +336,9 @@ def _sampler(s: SamplingParams) -> Sampler | None:
     return seeded
 
 
-def _logits_processors(s: SamplingParams) -> list[LogitsProcessor]:
-    return make_logits_processors(
+def _logits_processors(req: GenerationRequest) -> list[LogitsProcessor]:
+    s = req.sampling
+    processors = make_logits_processors(
         logit_bias=s.logit_bias or None,
         repetition_penalty=s.repetition_penalty,
         presence_penalty=s.presence_penalty,
@@ -342,6 +346,8 @@ def _logits_processors(s: SamplingParams) -> list[LogitsProcessor]:
         frequency_penalty=s.frequency_penalty,
         frequency_context_size=PENALTY_CONTEXT,
     )
+    # The constraint goes last: nothing after it may make a token it masked possible again.
+    return [*processors, req.constraint] if req.constraint else processors
 
 
 class _Stream:

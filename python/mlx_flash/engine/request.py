@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from mlx_flash.engine.constrain import Masker
 
 FinishReason = Literal["stop", "length"]
 
@@ -31,6 +34,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    # Output must match this request's grammar (a JSON schema, a tool call): see engine/constrain.py.
+    constraint: Masker | None = None
 
 
 @dataclass(frozen=True)
