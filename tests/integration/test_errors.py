@@ -83,7 +83,16 @@ def test_malformed_body_is_400(demo_worker: Worker, raw: bytes | str) -> None:
         ({"logit_bias": {"5": 500}}, "logit_bias"),
         ({"n": 2}, "n"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"response_format": "json"}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+            "response_format.json_schema.name",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": []}}},
+            "response_format.json_schema.schema",
+        ),
         ({"chat_template_kwargs": "x"}, "chat_template_kwargs"),
     ],
 )
