@@ -479,7 +479,52 @@ def expert_streaming(result: dict[str, Any], source: str) -> str:
     return "\n".join(rows)
 
 
+def structured_output(result: dict[str, Any], source: str) -> str:
+    libs, decode = result["libraries"], result["decode"]
+    names = ("llguidance", "xgrammar")
+
+    def features(lib: str, kind: str) -> str:
+        rows = libs[lib]["bpe65536"]["features"]
+        hit = [f for f, r in rows.items() if r["result"] == kind]
+        return f"{len(hit)}" + (f" ({', '.join(hit)})" if hit and kind != "enforced" else "")
+
+    def row(label: str, cell: Callable[[str], str]) -> str:
+        return f"| {label} | " + " | ".join(cell(n) for n in names) + " |"
+
+    total = len(libs["llguidance"]["bpe65536"]["features"])
+    v = result["versions"]
+    rows = [
+        f"| | llguidance {v['llguidance']} | xgrammar {v['xgrammar']} |",
+        "|---|---|---|",
+        row(f"schema features enforced (of {total})", lambda n: features(n, "enforced")),
+        row("refused with an error (we answer 400)", lambda n: features(n, "refused")),
+        row("**compiled but not enforced**", lambda n: features(n, "ignored")),
+        row("**compiled but rejecting valid documents**", lambda n: features(n, "rejects valid")),
+        row("grammar compile, median", lambda n: f"{libs[n]['bpe65536']['compile_ms_median']:.2f} ms"),
+        row(
+            "mask + advance per token, demo vocabulary (830)",
+            lambda n: f"{libs[n]['demo']['mask_us_per_token_median']:.1f} µs",
+        ),
+        row(
+            "mask + advance per token, 65,536-token BPE",
+            lambda n: f"{libs[n]['bpe65536']['mask_us_per_token_median']:.1f} µs",
+        ),
+        row(
+            "demo model greedy decode, held to a schema / free",
+            lambda n: f"{decode[n]['ratio_to_free']:.2f}× ({decode[n]['tokens_per_second']:.0f} tok/s)",
+        ),
+        row("extra runtime dependencies", lambda n: "none" if n == "llguidance" else "PyTorch"),
+        "",
+        f"Free decode: {decode['none']['tokens_per_second']:.0f} tok/s. Coverage is measured: per feature a "
+        "valid document must be accepted and an invalid one rejected, token by token. "
+        f"{_machine(result['machine'])}; {result.get('started', '')}. "
+        f"Source: `{source}`, made by `{_command(result)}`.",
+    ]
+    return "\n".join(rows)
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any], str], str]] = {
+    "structured_output": structured_output,
     "single_stream": single_stream,
     "demo_skills": demo_skills,
     "sidecar_overhead": sidecar_overhead,
