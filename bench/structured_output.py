@@ -23,8 +23,9 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import llguidance
 import llguidance.hf
@@ -171,10 +172,10 @@ def big_tokenizer(directory: Path, vocab: int = 65536) -> PreTrainedTokenizerFas
         bpe = ByteLevelBPETokenizer()
         bpe.train(files[:3000], vocab_size=vocab, min_frequency=2, special_tokens=["<|endoftext|>"])
         bpe.save(str(path))
-    return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|endoftext|>")  # type: ignore[no-untyped-call]
 
 
-class Lib:
+class Lib(Protocol):
     name: str
 
     def compile(self, schema: dict[str, Any]) -> Any: ...
@@ -183,7 +184,7 @@ class Lib:
     def accepts_end(self, matcher: Any) -> bool: ...
 
 
-class Llg(Lib):
+class Llg:
     name = "llguidance"
 
     def __init__(self, tok: PreTrainedTokenizerFast, vocab: int) -> None:
@@ -208,7 +209,7 @@ class Llg(Lib):
         return bool(m.is_accepting())
 
 
-class Xgr(Lib):
+class Xgr:
     name = "xgrammar"
 
     def __init__(self, tok: PreTrainedTokenizerFast, vocab: int) -> None:
@@ -288,7 +289,7 @@ class XgrMasker:
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         if self.started:
-            self.matcher.accept_token(int(tokens.reshape(-1)[-1].item()))
+            self.matcher.accept_token(cast(int, tokens.reshape(-1)[-1].item()))
         self.started = True
         if self.matcher.is_terminated():  # mlx-lm computes one step past the end of sequence
             return logits
@@ -301,7 +302,7 @@ def decode_speed(repeats: int, max_tokens: int = 300) -> dict[str, Any]:
     """Greedy decode tokens/s on the demo model, free and held to a schema by each library, in one
     harness (mlx-lm's `stream_generate` with a logits processor). End of sequence is pushed far down
     (but stays possible, so a finished grammar can end) so every variant decodes long enough to time."""
-    model, wrapper = load(str(DEMO_MODEL_PATH))
+    model, wrapper = load(str(DEMO_MODEL_PATH))[:2]
     tok, vocab = wrapper._tokenizer, int(model.args.vocab_size)
     eos = sorted(wrapper.eos_token_ids)
     llg = llguidance.hf.from_tokenizer(tok, n_vocab=vocab, eos_token=eos)
@@ -310,9 +311,9 @@ def decode_speed(repeats: int, max_tokens: int = 300) -> dict[str, Any]:
     grammar = LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
     xg_compiled = xg.compile(schema)
     messages = [{"role": "user", "content": "Tell me a story"}]
-    prompt = wrapper.apply_chat_template(messages, add_generation_prompt=True)
+    prompt = wrapper.apply_chat_template(messages, add_generation_prompt=True)  # type: ignore[no-untyped-call]
     late_end = make_logits_processors(logit_bias={t: -1e4 for t in eos})
-    makers = {
+    makers: dict[str, Callable[[], list[Any]]] = {
         "none": lambda: [],
         "llguidance": lambda: [Masker(LLMatcher(llg, grammar, log_level=0), vocab, eos)],
         "xgrammar": lambda: [XgrMasker(xg, xg_compiled)],
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         **header("structured_output", args, started, omit=("cache",)),
         "versions": {name: _version(name) for name in ("llguidance", "xgrammar", "torch")},
     }
-    _, demo = load(str(DEMO_MODEL_PATH))
+    demo = load(str(DEMO_MODEL_PATH))[1]
     tokenizers = {"demo": (demo._tokenizer, 830), "bpe65536": (big_tokenizer(args.cache), 65536)}
     libraries: dict[str, Any] = {}
     for label, (tok, vocab) in tokenizers.items():
