@@ -138,7 +138,10 @@ class Observe:
             metrics.REQUESTS.labels(api=api, route=route, status=str(status)).inc()
             metrics.REQUEST_SECONDS.labels(route=route).observe(elapsed)
             if route not in ("/health", "/ready", "/metrics"):
-                log.info(
+                # Successful reads (model lists the sidecar and the admin page poll) only at debug.
+                quiet = scope["method"] == "GET" and status < 400
+                log.log(
+                    logging.DEBUG if quiet else logging.INFO,
                     "request",
                     extra={
                         "method": scope["method"],
