@@ -4,6 +4,7 @@
   mlx-flash worker [--model M] [--port P] ...                              one worker, no sidecar
   mlx-flash experts replay TRACE [--capacity 0.25,0.5]                     expert cache policies on a trace
   mlx-flash fit --params 30B --active 3B --bits 4 | --model PATH          will it fit this machine?
+  mlx-flash browse [--json]                                                which common models fit here
   mlx-flash chat [--url URL] [--model M]                                   terminal chat
   mlx-flash mcp [--url URL] [--api-key K]                                  MCP over stdio for a server
 
@@ -85,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         from mlx_flash import fit
 
         return fit.main(argv[1:])
+    if command == "browse":
+        from mlx_flash import browse
+
+        return browse.main(argv[1:])
     if command == "experts":
         from mlx_flash.experts import trace
 

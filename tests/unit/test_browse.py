@@ -1,0 +1,62 @@
+"""`mlx-flash browse` against numbers computed by hand, and the disk measurement it relies on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from helpers import mlx_flash_command
+from mlx_flash.fit import disk_bandwidth
+
+
+def _browse(*args: str) -> dict[str, object]:
+    out = subprocess.run([*mlx_flash_command(), "browse", *args], capture_output=True, text=True, check=True)
+    return dict(json.loads(out.stdout))
+
+
+def test_entries_by_hand() -> None:
+    result = _browse("--memory", "12B", "--disk-bandwidth", "3B", "--context", "4096", "--json")
+    models = {m["name"]: m for m in result["models"]}  # type: ignore[attr-defined]
+    # 4 bits in groups of 64: 4.5 bits per weight.
+    moe = models["qwen3-moe-30b-a3b"]
+    assert moe["hub_id"] == "mlx-community/Qwen3-30B-A3B-4bit"
+    assert moe["weights_bytes"] == 30.5e9 * 4.5 / 8  # 17.15625 GB
+    assert moe["active_bytes"] == 3.3e9 * 4.5 / 8  # 1.85625 GB
+    assert moe["kv_bytes"] == 2 * 48 * 4 * 128 * 4096 * 2  # 402,653,184
+    assert moe["verdict"] == "fits with expert streaming"
+    # (12 - 1.85625 - 0.402653184) / (17.15625 - 1.85625) = 0.63667; 3 / 1.85625 = 1.61616 tok/s;
+    # 1.61616 / (1 - 0.63667) = 4.4482 tok/s.
+    low, high = moe["tokens_per_second"]
+    assert abs(moe["cached_share"] - 9.741096816 / 15.3) < 1e-9
+    assert abs(low - 1.616162) < 1e-6 and abs(high - 4.44820) < 1e-4
+    llama = models["llama-3.1-8b"]
+    assert llama["weights_bytes"] == 8.03e9 * 4.5 / 8 and llama["kv_bytes"] == 2 * 32 * 8 * 128 * 4096 * 2
+    assert llama["verdict"] == "fits" and llama["tokens_per_second"] is None
+    # Dense and too big: nothing to stream.
+    assert models["llama-3.3-70b"]["verdict"] == "does not fit"
+    assert result["machine"] == {  # type: ignore[comparison-overlap]
+        "total_memory_bytes": result["machine"]["total_memory_bytes"],  # type: ignore[index]
+        "available_bytes": 12e9,
+        "disk": {"bytes_per_second": 3e9, "measured": False},
+        "context": 4096,
+    }
+
+
+def test_a_terminal_table(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [*mlx_flash_command(), "browse", "--memory", "12B", "--disk-bandwidth", "3B"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    line = next(row for row in out.splitlines() if "qwen3-moe-30b-a3b" in row)
+    assert "30.5B / 3.3B" in line and "17.2 GB" in line and "fits with expert streaming" in line
+    assert "1.6-4.4" in line
+
+
+def test_disk_bandwidth_is_measured_and_cleans_up(tmp_path: Path) -> None:
+    got = disk_bandwidth(tmp_path, size=8 << 20, record=1 << 20, threads=4)
+    assert got["bytes"] == 8 << 20 and got["bytes_per_second"] > 0
+    assert os.listdir(tmp_path) == []
