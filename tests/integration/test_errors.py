@@ -11,6 +11,7 @@ import pytest
 from helpers import Worker
 
 OK_MESSAGES = [{"role": "user", "content": "What is 1+1?"}]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 
 
 def post(worker: Worker, body: Any, path: str = "/v1/chat/completions", **kw: Any) -> httpx.Response:
@@ -82,7 +83,21 @@ def test_malformed_body_is_400(demo_worker: Worker, raw: bytes | str) -> None:
         ({"logit_bias": {"999999": 5}}, "logit_bias"),
         ({"logit_bias": {"5": 500}}, "logit_bias"),
         ({"n": 2}, "n"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"description": "f"}}]}, "tools[0].function.name"),
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]},
+            "tools[0].function.parameters",
+        ),
+        ({"tools": {"type": "function"}}, "tools"),
+        ({"tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+        (
+            {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+            "tool_choice.function.name",
+        ),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [TOOL], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"response_format": "json"}, "response_format"),
         (

@@ -25,6 +25,7 @@ from mlx_flash.api.errors import (
 )
 from mlx_flash.api.fields import Fields
 from mlx_flash.api.structured import constraint, openai_format
+from mlx_flash.api.tools import openai_tools, prepare
 from mlx_flash.engine.engine import Engine, RequestHandle
 from mlx_flash.engine.prompt import encode_chat, encode_text
 from mlx_flash.engine.request import (
@@ -34,6 +35,7 @@ from mlx_flash.engine.request import (
     SamplingParams,
     TextDelta,
     TokenLogprob,
+    ToolCall,
 )
 from mlx_flash.models.scheduler import Entry, Lease, Scheduler
 from mlx_flash.worker_state import WorkerState
@@ -139,9 +141,49 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             raise InvalidRequest(f"{where}.role must be one of {sorted(ROLES)}", param=f"{where}.role")
         msg = {k: v for k, v in m.items() if v is not None}
         msg["role"] = "system" if role == "developer" else role
+        calls = m.get("tool_calls") if role == "assistant" else None
         msg["content"] = _content(m.get("content"), f"{where}.content", optional=role == "assistant")
+        if calls is not None:
+            msg["tool_calls"] = _message_calls(calls, f"{where}.tool_calls")
         out.append(msg)
     return out
+
+
+def _message_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's earlier tool calls, their arguments parsed (chat templates render them
+    as objects, as mlx-lm's server does)."""
+    if not isinstance(calls, list):
+        raise InvalidRequest(f"{where} must be an array", param=where)
+    out = []
+    for j, call in enumerate(calls):
+        at = f"{where}[{j}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise InvalidRequest(f"{at}.function.name must be a string", param=f"{at}.function.name")
+        out.append(
+            {
+                **call,
+                "function": {
+                    **fn,
+                    "arguments": parse_arguments(fn.get("arguments"), f"{at}.function.arguments"),
+                },
+            }
+        )
+    return out
+
+
+def parse_arguments(value: Any, where: str) -> dict[str, Any]:
+    """A tool call's arguments as sent back by a client: the JSON text of an object (or the object)."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            raise InvalidRequest(f"{where} must be the JSON text of an object", param=where) from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{where} must be the JSON text of an object", param=where)
+    return value
 
 
 def _content(value: Any, where: str, *, optional: bool) -> str:
@@ -163,11 +205,6 @@ def _content(value: Any, where: str, *, optional: bool) -> str:
             )
         texts.append(part["text"])
     return "\n".join(texts)
-
-
-def reject_unsupported(f: Fields) -> None:
-    if f.body.get("tools"):
-        raise InvalidRequest("tools: tool calling is not supported by this server yet", param="tools")
 
 
 def budget(engine: Engine, prompt_len: int, requested: int | None, param: str) -> int:
@@ -209,7 +246,15 @@ def sse(payload: Any) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-async def collect(handle: RequestHandle, request: Request) -> tuple[str, list[TokenLogprob], Finished]:
+@dataclass
+class Collected:
+    text: str
+    logprobs: list[TokenLogprob]
+    calls: list[ToolCall]
+    finished: Finished
+
+
+async def collect(handle: RequestHandle, request: Request) -> Collected:
     """The whole generation; a client that disconnects meanwhile cancels it."""
 
     async def watch_disconnect() -> None:
@@ -220,15 +265,18 @@ async def collect(handle: RequestHandle, request: Request) -> tuple[str, list[To
     watcher = asyncio.create_task(watch_disconnect())
     texts: list[str] = []
     items: list[TokenLogprob] = []
+    calls: list[ToolCall] = []
     try:
         async for ev in handle.events():
             if isinstance(ev, TextDelta):
                 texts.append(ev.text)
                 items.extend(ev.logprobs)
+            elif isinstance(ev, ToolCall):
+                calls.append(ev)
             elif isinstance(ev, Failed):
                 raise InternalError()
             else:
-                return "".join(texts), items, ev
+                return Collected("".join(texts), items, calls, ev)
         raise InternalError()  # events() always ends with Finished or Failed
     finally:
         watcher.cancel()
@@ -266,8 +314,10 @@ def streaming(
     first: dict[str, Any] | None,
     on_delta: Callable[[TextDelta], dict[str, Any]],
     on_finish: Callable[[Finished], dict[str, Any]],
+    on_call: Callable[[ToolCall], list[dict[str, Any]]] | None = None,
 ) -> StreamingResponse:
-    """SSE of one generation: a chunk per delta, the final chunk, usage if asked, then [DONE]."""
+    """SSE of one generation: a chunk per delta (tool calls: the chunks `on_call` makes), the final
+    chunk, usage if asked, then [DONE]."""
 
     async def events() -> AsyncIterator[bytes]:
         try:
@@ -276,6 +326,9 @@ def streaming(
             async for ev in handle.events():
                 if isinstance(ev, TextDelta):
                     yield env.chunk(on_delta(ev))
+                elif isinstance(ev, ToolCall):
+                    for choice in on_call(ev) if on_call else ():
+                        yield env.chunk(choice)
                 elif isinstance(ev, Finished):
                     yield env.chunk(on_finish(ev))
                     if env.include_usage:
@@ -322,9 +375,9 @@ async def completions(request: Request) -> Response:
 async def _chat(request: Request, body: dict[str, Any], f: Fields, lease: Lease) -> Response:
     engine = lease.engine
     common = parse_common(f, engine.vocab_size)
-    reject_unsupported(f)
     messages = parse_messages(body)
-    kwargs = f.obj("chat_template_kwargs") or {}
+    tools = openai_tools(body, flat=False)
+    kwargs = {**(f.obj("chat_template_kwargs") or {}), **tools.template_kwargs()}
     logprobs = f.boolean("logprobs", False)
     top = f.integer("top_logprobs", 0, lo=0, hi=20) or 0
     if top and not logprobs:
@@ -333,8 +386,10 @@ async def _chat(request: Request, body: dict[str, Any], f: Fields, lease: Lease)
     prompt = await run_in_threadpool(encode_chat, tokenizer, messages, kwargs)
     max_tokens = budget(engine, len(prompt), common.max_tokens, "messages")
     schema = openai_format(body.get("response_format"), "response_format", nested=True)
-    masker = await constraint(engine, schema, "response_format")
-    gen = GenerationRequest(prompt, max_tokens, common.sampling, common.stop, logprobs, top, masker)
+    masker = await prepare(engine, tools, await constraint(engine, schema, "response_format"))
+    gen = GenerationRequest(
+        prompt, max_tokens, common.sampling, common.stop, logprobs, top, masker, tools.request_tools()
+    )
     handle = await lease.start(gen, max_tokens_given=common.max_tokens is not None)
     env = Envelope(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", engine.loaded.id, common.include_usage)
 
@@ -342,11 +397,24 @@ async def _chat(request: Request, body: dict[str, Any], f: Fields, lease: Lease)
         return {"content": [_lp(i) for i in items], "refusal": None} if logprobs else None
 
     if not common.stream:
-        text, items, fin = await collect(handle, request)
-        message = {"role": "assistant", "content": text, "refusal": None}
-        return env.response(
-            {"index": 0, "message": message, "logprobs": lp_obj(items), "finish_reason": fin.reason}, fin
-        )
+        got = await collect(handle, request)
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": got.text if got.text or not got.calls else None,
+            "refusal": None,
+        }
+        if got.calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in got.calls
+            ]
+        choice_obj = {
+            "index": 0,
+            "message": message,
+            "logprobs": lp_obj(got.logprobs),
+            "finish_reason": got.finished.reason,
+        }
+        return env.response(choice_obj, got.finished)
 
     def choice(delta: dict[str, Any], lps: Any = None, finish: str | None = None) -> dict[str, Any]:
         return {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": finish}
@@ -357,7 +425,16 @@ async def _chat(request: Request, body: dict[str, Any], f: Fields, lease: Lease)
         first=choice({"role": "assistant", "content": ""}),
         on_delta=lambda ev: choice({"content": ev.text}, lp_obj(ev.logprobs)),
         on_finish=lambda fin: choice({}, None, fin.reason),
+        on_call=lambda call: [choice({"tool_calls": [part]}) for part in call_fragments(call)],
     )
+
+
+def call_fragments(call: ToolCall) -> list[dict[str, Any]]:
+    """A streamed tool call (docs/API.md): the first fragment names it, with empty arguments; the next
+    carries only the index and the argument text."""
+    head = {"name": call.name, "arguments": ""}
+    first = {"index": call.index, "id": call.id, "type": "function", "function": head}
+    return [first, {"index": call.index, "function": {"arguments": call.arguments}}]
 
 
 async def _completion(request: Request, body: dict[str, Any], f: Fields, lease: Lease) -> Response:
@@ -392,8 +469,8 @@ async def _completion(request: Request, body: dict[str, Any], f: Fields, lease: 
         return {"text": text, "index": 0, "logprobs": lps, "finish_reason": finish}
 
     if not common.stream:
-        text, items, fin = await collect(handle, request)
-        return env.response(choice(text, lp_obj(items, 0), fin.reason), fin)
+        got = await collect(handle, request)
+        return env.response(choice(got.text, lp_obj(got.logprobs, 0), got.finished.reason), got.finished)
 
     def on_delta(ev: TextDelta) -> dict[str, Any]:
         nonlocal offset

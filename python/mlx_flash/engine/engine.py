@@ -40,6 +40,7 @@ from mlx_flash.engine.request import (
     TokenLogprob,
 )
 from mlx_flash.engine.stops import Piece, StopMatcher
+from mlx_flash.engine.tool_calls import ToolCallDetector
 from mlx_flash.models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -369,6 +370,7 @@ class _Stream:
         self._running.inc()
         self._detokenizer = engine.loaded.tokenizer.detokenizer
         self._matcher: StopMatcher[TokenLogprob | None] = StopMatcher(handle.request.stop)
+        self._tools = ToolCallDetector.for_request(engine.loaded.tokenizer, handle.request.tools)
         self._completion = 0
         self._last = 0.0
         # Label lookups cost a lock and a dict each; resolve them once, not once per token.
@@ -403,18 +405,34 @@ class _Stream:
         if r.finish_reason != "stop" and req.logprobs:
             item = token_logprob(r.logprobs, r.token, text, req.top_logprobs, self._engine.token_bytes)
         pieces, stopped = self._matcher.push(text, item)
-        _emit(self.handle, pieces)
+        self._emit(pieces)
         if stopped:
             self._finish("stop")
             return True
         if r.finish_reason is not None:
             self.running = False
-            _emit(self.handle, self._matcher.flush())
+            self._emit(self._matcher.flush())
             self._finish("stop" if r.finish_reason == "stop" else "length")
             return True
         return False
 
+    def _emit(self, pieces: list[Piece[TokenLogprob | None]]) -> None:
+        text = "".join(p.text for p in pieces)
+        items = tuple(p.item for p in pieces if p.item is not None)
+        if not text and not items:
+            return
+        if self._tools is None:
+            self.handle.emit(TextDelta(text, items))
+            return
+        for event in self._tools.push(text, items):
+            self.handle.emit(event)
+
     def _finish(self, reason: FinishReason) -> None:
+        if self._tools is not None:
+            for event in self._tools.finish():
+                self.handle.emit(event)
+            if self._tools.calls and reason == "stop":
+                reason = "tool_calls"
         self._finished = reason
         req = self.handle.request
         matched = self._matcher.matched
@@ -447,10 +465,3 @@ class _Stream:
 
     def _log_fields(self) -> dict[str, object]:
         return {**self.handle.log_fields, "model": self._engine.loaded.id}
-
-
-def _emit(handle: RequestHandle, pieces: list[Piece[TokenLogprob | None]]) -> None:
-    text = "".join(p.text for p in pieces)
-    items = tuple(p.item for p in pieces if p.item is not None)
-    if text or items:
-        handle.emit(TextDelta(text, items))

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from mlx_flash.engine.constrain import Masker
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,8 @@ class GenerationRequest:
     top_logprobs: int = 0
     # Output must match this request's grammar (a JSON schema, a tool call): see engine/constrain.py.
     constraint: Masker | None = None
+    # Function tools (OpenAI-shaped) the model may call: its tool-call markup becomes ToolCall events.
+    tools: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,16 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """One complete call the model made: `arguments` is the JSON text of an object."""
+
+    index: int  # 0, 1, ... in the order the model made its calls
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class Finished:
     reason: FinishReason
     prompt_tokens: int
@@ -75,4 +87,4 @@ class Failed:
     message: str
 
 
-Event = TextDelta | Finished | Failed
+Event = TextDelta | ToolCall | Finished | Failed

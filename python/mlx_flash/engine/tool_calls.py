@@ -1,0 +1,131 @@
+"""Tool calls out of generated text: the one place where the model's tool-call markup becomes `ToolCall`
+events, for every API surface.
+
+The model's format comes from mlx-lm: its tokenizer wrapper knows the markers (`tool_call_start`,
+`tool_call_end`) and the parser for what lies between them (`mlx_lm/tool_parsers/`). Markers are found
+in the decoded text with mlx-lm's `TextStateMachine`, which holds back text that could still become a
+marker, so no partial `<tool_call>` leaks into the content while streaming.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mlx_lm.generate import TextStateMachine
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from mlx_flash.engine.request import Event, TextDelta, TokenLogprob, ToolCall
+
+log = logging.getLogger(__name__)
+
+Parser = Callable[[str, Any], Any]
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def parse_calls(parser: Parser, text: str, tools: Sequence[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(id, name, arguments JSON) of each call in the text between one pair of markers; ValueError if
+    it is not a well-formed call (the parser failed, no name, arguments not an object)."""
+    try:
+        parsed = parser(text, list(tools))
+    except Exception as e:  # mlx-lm's parsers raise whatever their format's decoding raises
+        raise ValueError(f"{type(e).__name__}: {e}") from None
+    out = []
+    for call in parsed if isinstance(parsed, list) else [parsed]:
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
+            raise ValueError("a tool call needs a name")
+        arguments = call.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as e:
+                raise ValueError(f"arguments are not JSON: {e}") from None
+        if not isinstance(arguments, dict):
+            raise ValueError("tool call arguments must be a JSON object")
+        call_id = call.get("id") if isinstance(call.get("id"), str) and call.get("id") else new_call_id()
+        out.append((call_id, call["name"], json.dumps(arguments, ensure_ascii=False)))
+    return out
+
+
+class ToolCallDetector:
+    """Feed it the text one request generates (after stop strings); it returns the events to emit:
+    `TextDelta`s for ordinary text and one `ToolCall` per call, once its closing marker arrives.
+
+    Markup that does not parse as a call is passed on as text, markers and all, so nothing the
+    model wrote silently disappears. Whitespace between calls is dropped.
+    """
+
+    def __init__(self, start: str, end: str | None, parser: Parser, tools: Sequence[dict[str, Any]]) -> None:
+        self._start, self._end = start, end or ""
+        self._parser = parser
+        self._tools = tools
+        transitions = {"normal": [(start, "tool")], "tool": [(end, "normal")] if end else []}
+        self._state = TextStateMachine(transitions).make_state("normal")
+        self._in_call = False
+        self._call_text = ""
+        self._gap = ""  # whitespace after a call: dropped if another call (or the end) follows
+        self._items: list[TokenLogprob] = []
+        self.calls = 0
+
+    @classmethod
+    def for_request(
+        cls, tokenizer: TokenizerWrapper, tools: Sequence[dict[str, Any]]
+    ) -> ToolCallDetector | None:
+        if not tools or not tokenizer.has_tool_calling:
+            return None
+        return cls(tokenizer.tool_call_start, tokenizer.tool_call_end, tokenizer.tool_parser, tools)
+
+    def push(self, text: str, items: Sequence[TokenLogprob] = ()) -> list[Event]:
+        self._items.extend(items)
+        self._state, segments = TextStateMachine.split(self._state, text)
+        return self._segments(segments)
+
+    def finish(self) -> list[Event]:
+        """Generation ended: text held back as a possible marker is output, an open call is parsed."""
+        self._state, rest, _ = TextStateMachine.flush(self._state)
+        out = self._segments([("tool" if self._in_call else "normal", rest)])
+        if self._in_call:
+            out.extend(self._close_call(closed=False))
+        self._gap = ""
+        return out
+
+    def _segments(self, segments: list[tuple[str | None, str]]) -> list[Event]:
+        out: list[Event] = []
+        for state, text in segments:
+            if state == "tool":
+                if not self._in_call:  # a call starts: the text before it is all out
+                    self._in_call, self._call_text, self._gap = True, "", ""
+                self._call_text += text
+                continue
+            if self._in_call:
+                out.extend(self._close_call(closed=True))
+            if not text:
+                continue
+            if self.calls and not (self._gap + text).strip():
+                self._gap += text
+                continue
+            out.append(TextDelta(self._gap + text, tuple(self._items)))
+            self._gap, self._items = "", []
+        return out
+
+    def _close_call(self, closed: bool) -> list[Event]:
+        self._in_call = False
+        text, self._call_text = self._call_text, ""
+        items, self._items = self._items, []
+        try:
+            calls = parse_calls(self._parser, text, self._tools)
+        except ValueError as e:
+            log.warning("the model's tool call does not parse; passed on as text", extra={"error": str(e)})
+            raw = self._start + text + (self._end if closed else "")
+            return [TextDelta(raw, tuple(items))]
+        out: list[Event] = []
+        for call_id, name, arguments in calls:
+            out.append(ToolCall(self.calls, call_id, name, arguments))
+            self.calls += 1
+        return out
