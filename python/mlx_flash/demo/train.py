@@ -316,7 +316,11 @@ def main() -> None:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    tok = Tokenizer.from_file(str(args.init / "tokenizer.json")) if args.init else build_tokenizer(rng, args.vocab)
+    tok = (
+        Tokenizer.from_file(str(args.init / "tokenizer.json"))
+        if args.init
+        else build_tokenizer(rng, args.vocab)
+    )
     eos, pad = tok.token_to_id(data.EOS_TOKEN), tok.token_to_id(data.PAD_TOKEN)
     config = {**CONFIG, "vocab_size": tok.get_vocab_size(), "eos_token_id": eos}
     model = DemoMoe(config)

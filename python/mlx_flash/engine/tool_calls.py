@@ -48,7 +48,8 @@ def parse_calls(parser: Parser, text: str, tools: Sequence[dict[str, Any]]) -> l
                 raise ValueError(f"arguments are not JSON: {e}") from None
         if not isinstance(arguments, dict):
             raise ValueError("tool call arguments must be a JSON object")
-        call_id = call.get("id") if isinstance(call.get("id"), str) and call.get("id") else new_call_id()
+        given = call.get("id")
+        call_id = given if isinstance(given, str) and given else new_call_id()
         out.append((call_id, call["name"], json.dumps(arguments, ensure_ascii=False)))
     return out
 
@@ -66,7 +67,7 @@ class ToolCallDetector:
         self._parser = parser
         self._tools = tools
         transitions = {"normal": [(start, "tool")], "tool": [(end, "normal")] if end else []}
-        self._state = TextStateMachine(transitions).make_state("normal")
+        self._state = TextStateMachine(transitions).make_state("normal")  # type: ignore[no-untyped-call]
         self._in_call = False
         self._call_text = ""
         self._gap = ""  # whitespace after a call: dropped if another call (or the end) follows
@@ -83,12 +84,12 @@ class ToolCallDetector:
 
     def push(self, text: str, items: Sequence[TokenLogprob] = ()) -> list[Event]:
         self._items.extend(items)
-        self._state, segments = TextStateMachine.split(self._state, text)
+        self._state, segments = TextStateMachine.split(self._state, text)  # type: ignore[no-untyped-call]
         return self._segments(segments)
 
     def finish(self) -> list[Event]:
         """Generation ended: text held back as a possible marker is output, an open call is parsed."""
-        self._state, rest, _ = TextStateMachine.flush(self._state)
+        self._state, rest, _ = TextStateMachine.flush(self._state)  # type: ignore[no-untyped-call]
         out = self._segments([("tool" if self._in_call else "normal", rest)])
         if self._in_call:
             out.extend(self._close_call(closed=False))
