@@ -18,10 +18,11 @@ from mlx_flash.api.error_shapes import anthropic_body
 from mlx_flash.api.errors import InternalError, InvalidRequest
 from mlx_flash.api.fields import Fields
 from mlx_flash.api.openai import SSE_HEADERS, _with_model, budget
+from mlx_flash.api.tools import ToolSpec, anthropic_tools, prepare
 from mlx_flash.api.turn import gather
 from mlx_flash.engine.engine import RequestHandle
 from mlx_flash.engine.prompt import encode_chat
-from mlx_flash.engine.request import Finished, GenerationRequest, SamplingParams, TextDelta
+from mlx_flash.engine.request import Finished, GenerationRequest, SamplingParams, TextDelta, ToolCall
 from mlx_flash.models.scheduler import Lease
 
 STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use"}
@@ -31,6 +32,7 @@ STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use"}
 class Prompt:
     messages: list[dict[str, Any]]  # OpenAI-shaped, for the chat template
     template_kwargs: dict[str, Any]
+    tools: ToolSpec
 
 
 def _text_blocks(value: Any, where: str) -> str:
@@ -112,9 +114,8 @@ def parse_prompt(body: dict[str, Any], f: Fields) -> Prompt:
             "The last message must be a user message: prefilling the assistant's reply is not supported.",
             param=f"messages.{len(messages) - 1}",
         )
-    if body.get("tools"):
-        raise InvalidRequest("tools: tool use is not supported by this server yet", param="tools")
-    kwargs: dict[str, Any] = {}
+    tools = anthropic_tools(body)
+    kwargs: dict[str, Any] = tools.template_kwargs()
     thinking = f.obj("thinking")
     if thinking is not None:
         kind = thinking.get("type")
@@ -122,7 +123,7 @@ def parse_prompt(body: dict[str, Any], f: Fields) -> Prompt:
             raise InvalidRequest("thinking.type must be 'enabled' or 'disabled'", param="thinking.type")
         # Templates of reasoning models read enable_thinking; the others ignore it.
         kwargs["enable_thinking"] = kind != "disabled"
-    return Prompt(out, kwargs)
+    return Prompt(out, kwargs, tools)
 
 
 def _sampling(f: Fields) -> SamplingParams:
@@ -192,9 +193,13 @@ async def _messages(request: Request, body: dict[str, Any], f: Fields, lease: Le
     stream = f.boolean("stream", False)
     sampling = _sampling(f)
     stops = _stops(body)
-    prompt = await _encode(lease, parse_prompt(body, f))
+    parsed = parse_prompt(body, f)
+    prompt = await _encode(lease, parsed)
     max_tokens = budget(engine, len(prompt), max_tokens, "messages")
-    gen = GenerationRequest(prompt, max_tokens, sampling, stops)
+    masker = await prepare(engine, parsed.tools, None)
+    gen = GenerationRequest(
+        prompt, max_tokens, sampling, stops, constraint=masker, tools=parsed.tools.request_tools()
+    )
     handle = await lease.start(gen, max_tokens_given=True)
     head = {
         "id": f"msg_{uuid.uuid4().hex}",
@@ -208,7 +213,15 @@ async def _messages(request: Request, body: dict[str, Any], f: Fields, lease: Le
         )
     turn = await gather(handle, request)
     fin = turn.finished
-    content = [{"type": "text", "text": turn.text}] if turn.text else []
+    content: list[dict[str, Any]] = []
+    for ev in turn.events:
+        if isinstance(ev, TextDelta) and ev.text:
+            if content and content[-1]["type"] == "text":
+                content[-1]["text"] += ev.text
+            else:
+                content.append({"type": "text", "text": ev.text})
+        elif isinstance(ev, ToolCall):
+            content.append(_tool_use(ev))
     return JSONResponse(
         {
             **head,
@@ -218,6 +231,16 @@ async def _messages(request: Request, body: dict[str, Any], f: Fields, lease: Le
             "usage": _usage(fin),
         }
     )
+
+
+def _tool_use(call: ToolCall, whole: bool = True) -> dict[str, Any]:
+    """A `tool_use` block (streamed, its input starts empty and arrives as `input_json_delta`)."""
+    return {
+        "type": "tool_use",
+        "id": call.id,
+        "name": call.name,
+        "input": orjson.loads(call.arguments) if whole else {},
+    }
 
 
 def event(kind: str, payload: dict[str, Any]) -> bytes:
@@ -233,7 +256,7 @@ async def _events(head: dict[str, Any], handle: RequestHandle, prompt_len: int) 
         "stop_sequence": None,
         "usage": {"input_tokens": prompt_len, "output_tokens": 0, "cache_read_input_tokens": 0},
     }
-    index = -1  # the open content block, or -1
+    index, text_open = -1, False  # the last content block, and whether it is an open text block
     try:
         yield event("message_start", {"message": start})
         yield event("ping", {})
@@ -241,14 +264,24 @@ async def _events(head: dict[str, Any], handle: RequestHandle, prompt_len: int) 
             if isinstance(ev, TextDelta):
                 if not ev.text:
                     continue
-                if index < 0:
-                    index = 0
+                if not text_open:
+                    index, text_open = index + 1, True
                     block = {"type": "text", "text": ""}
                     yield event("content_block_start", {"index": index, "content_block": block})
                 delta = {"type": "text_delta", "text": ev.text}
                 yield event("content_block_delta", {"index": index, "delta": delta})
+            elif isinstance(ev, ToolCall):
+                if text_open:
+                    yield event("content_block_stop", {"index": index})
+                index, text_open = index + 1, False
+                yield event(
+                    "content_block_start", {"index": index, "content_block": _tool_use(ev, whole=False)}
+                )
+                delta = {"type": "input_json_delta", "partial_json": ev.arguments}
+                yield event("content_block_delta", {"index": index, "delta": delta})
+                yield event("content_block_stop", {"index": index})
             elif isinstance(ev, Finished):
-                if index >= 0:
+                if text_open:
                     yield event("content_block_stop", {"index": index})
                 end = {"stop_reason": _stop_reason(ev), "stop_sequence": ev.stop_sequence}
                 yield event("message_delta", {"delta": end, "usage": _usage(ev)})

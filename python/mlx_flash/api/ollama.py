@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,10 +26,11 @@ from mlx_flash.api.fields import Fields
 from mlx_flash.api.ollama_models import DEFAULT_OPTIONS, keep_alive, parse_keep_alive
 from mlx_flash.api.openai import budget
 from mlx_flash.api.structured import constraint, ollama_format
+from mlx_flash.api.tools import NO_TOOLS, ToolSpec, ollama_tools, prepare
 from mlx_flash.api.turn import Clock, gather
 from mlx_flash.engine.engine import Engine, RequestHandle
 from mlx_flash.engine.prompt import encode_chat, encode_text
-from mlx_flash.engine.request import Failed, Finished, GenerationRequest, SamplingParams, TextDelta
+from mlx_flash.engine.request import Failed, Finished, GenerationRequest, SamplingParams, TextDelta, ToolCall
 from mlx_flash.models.scheduler import Lease
 from mlx_flash.worker_state import WorkerState
 
@@ -104,8 +105,6 @@ def _reject_unsupported(body: dict[str, Any], keys: tuple[str, ...]) -> None:
     for key in keys:
         if body.get(key):
             raise InvalidRequest(f"{key} is not supported by this server")
-    if body.get("tools"):
-        raise InvalidRequest("tools are not supported by this server yet")
 
 
 def _chat_messages(value: Any) -> list[dict[str, Any]]:
@@ -156,13 +155,19 @@ class Reply:
         self.model = model
         self.arrived = arrived
 
-    def chunk(self, text: str, done: bool = False) -> dict[str, Any]:
+    def chunk(self, text: str, done: bool = False, calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
         head = {"model": self.model, "created_at": now()}
         if self.chat:
-            return {**head, "message": {"role": "assistant", "content": text}, "done": done}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if calls:  # arguments as an object, each call whole in one line
+                message["tool_calls"] = [
+                    {"function": {"index": c.index, "name": c.name, "arguments": orjson.loads(c.arguments)}}
+                    for c in calls
+                ]
+            return {**head, "message": message, "done": done}
         return {**head, "response": text, "done": done}
 
-    def final(self, text: str, fin: Finished, clock: Clock) -> dict[str, Any]:
+    def final(self, text: str, fin: Finished, clock: Clock, calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
         end = clock.end or time.perf_counter()
         first = clock.first or end
 
@@ -170,7 +175,7 @@ class Reply:
             return max(0, int(seconds * 1e9))
 
         return {
-            **self.chunk(text, done=True),
+            **self.chunk(text, done=True, calls=calls),
             "done_reason": "length" if fin.reason == "length" else "stop",
             "total_duration": ns(end - self.arrived),
             "load_duration": ns(clock.submitted - self.arrived),
@@ -193,6 +198,8 @@ async def _lines(reply: Reply, handle: RequestHandle) -> AsyncIterator[bytes]:
             if isinstance(ev, TextDelta):
                 if ev.text:
                     yield line(reply.chunk(ev.text))
+            elif isinstance(ev, ToolCall):
+                yield line(reply.chunk("", calls=[ev]))
             elif isinstance(ev, Finished):
                 clock.ended()
                 yield line(reply.final("", ev, clock))
@@ -206,7 +213,7 @@ async def _lines(reply: Reply, handle: RequestHandle) -> AsyncIterator[bytes]:
 
 # ---------------------------------------------------------------- endpoints
 
-Build = Callable[[dict[str, Any], Lease], Awaitable[list[int]]]
+Build = Callable[[dict[str, Any], Lease], Awaitable[tuple[list[int], ToolSpec]]]
 
 
 async def _serve(
@@ -237,38 +244,42 @@ async def _serve(
                 keep_alive(request).set(scheduler, lease.entry, seconds)
             return reply.lifecycle("load")
         options = parse_options(body)
-        prompt = await build(body, lease)
+        prompt, tools = await build(body, lease)
         max_tokens = budget(engine, len(prompt), options.max_tokens, "messages" if chat else "prompt")
-        masker = await constraint(engine, ollama_format(body.get("format")), "format")
-        gen = GenerationRequest(prompt, max_tokens, options.sampling, options.stop, constraint=masker)
+        masker = await prepare(
+            engine, tools, await constraint(engine, ollama_format(body.get("format")), "format")
+        )
+        gen = GenerationRequest(
+            prompt, max_tokens, options.sampling, options.stop, constraint=masker, tools=tools.request_tools()
+        )
         handle = await lease.start(gen, max_tokens_given=options.max_tokens is not None)
     if seconds is not None:
         keep_alive(request).set(scheduler, lease.entry, seconds)
     if stream:
         return StreamingResponse(_lines(reply, handle), media_type=NDJSON)
     turn = await gather(handle, request)
-    return JSONResponse(reply.final(turn.text, turn.finished, turn.clock))
+    return JSONResponse(reply.final(turn.text, turn.finished, turn.clock, turn.calls))
 
 
-async def _generate_prompt(body: dict[str, Any], lease: Lease) -> list[int]:
+async def _generate_prompt(body: dict[str, Any], lease: Lease) -> tuple[list[int], ToolSpec]:
     f = Fields(body)
-    _reject_unsupported(body, ("suffix", "images", "template", "context"))
+    _reject_unsupported(body, ("suffix", "images", "template", "context", "tools"))
     prompt = f.string("prompt") or ""
     tokenizer = lease.engine.loaded.tokenizer
     if f.boolean("raw", False):
-        return await run_in_threadpool(encode_text, tokenizer, prompt)
+        return await run_in_threadpool(encode_text, tokenizer, prompt), NO_TOOLS
     system = f.string("system")
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
     kwargs = _think(body, lease.engine)
-    return await run_in_threadpool(encode_chat, tokenizer, messages, kwargs)
+    return await run_in_threadpool(encode_chat, tokenizer, messages, kwargs), NO_TOOLS
 
 
-async def _chat_prompt(body: dict[str, Any], lease: Lease) -> list[int]:
-    _reject_unsupported(body, ())
+async def _chat_prompt(body: dict[str, Any], lease: Lease) -> tuple[list[int], ToolSpec]:
     messages = _chat_messages(body.get("messages"))
-    kwargs = _think(body, lease.engine)
-    return await run_in_threadpool(encode_chat, lease.engine.loaded.tokenizer, messages, kwargs)
+    tools = ollama_tools(body)
+    kwargs = {**_think(body, lease.engine), **tools.template_kwargs()}
+    return await run_in_threadpool(encode_chat, lease.engine.loaded.tokenizer, messages, kwargs), tools
 
 
 async def generate(request: Request) -> Response:

@@ -16,13 +16,14 @@ from starlette.routing import BaseRoute, Route
 
 from mlx_flash.api.errors import ApiError, InternalError, InvalidRequest
 from mlx_flash.api.fields import Fields
-from mlx_flash.api.openai import SSE_HEADERS, _with_model, budget, error_body
+from mlx_flash.api.openai import SSE_HEADERS, _with_model, budget, error_body, parse_arguments
 from mlx_flash.api.response_store import ResponseStore
 from mlx_flash.api.structured import constraint, openai_format
+from mlx_flash.api.tools import openai_tools, prepare
 from mlx_flash.api.turn import gather
 from mlx_flash.engine.engine import RequestHandle
 from mlx_flash.engine.prompt import encode_chat
-from mlx_flash.engine.request import Finished, GenerationRequest, SamplingParams, TextDelta
+from mlx_flash.engine.request import Finished, GenerationRequest, SamplingParams, TextDelta, ToolCall
 from mlx_flash.models.scheduler import Lease
 
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
@@ -81,6 +82,26 @@ def parse_input(value: Any) -> list[dict[str, Any]]:
             out.append({"role": role, "content": _content(item.get("content"), f"{where}.content")})
         elif kind == "reasoning":
             continue  # earlier reasoning is not part of the prompt, as the chat templates do
+        elif kind == "function_call":
+            for key in ("call_id", "name"):
+                if not isinstance(item.get(key), str) or not item[key]:
+                    raise InvalidRequest(f"{where}.{key} must be a string", param=f"{where}.{key}")
+            arguments = parse_arguments(item.get("arguments"), f"{where}.arguments")
+            call = {
+                "id": item["call_id"],
+                "type": "function",
+                "function": {"name": item["name"], "arguments": arguments},
+            }
+            last = out[-1] if out else None
+            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
+                last["tool_calls"].append(call)  # parallel calls: one assistant turn
+            else:
+                out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            if not isinstance(item.get("call_id"), str):
+                raise InvalidRequest(f"{where}.call_id must be a string", param=f"{where}.call_id")
+            output = _content(item.get("output", ""), f"{where}.output")
+            out.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
         else:
             raise InvalidRequest(f"{where}.type {kind!r} is not supported", param=f"{where}.type")
     return out
@@ -94,11 +115,6 @@ def _sampling(f: Fields) -> SamplingParams:
         top_p=1.0 if top_p is None else top_p,
         top_k=f.integer("top_k", 0, lo=0) or 0,
     )
-
-
-def _reject_unsupported(body: dict[str, Any], f: Fields) -> None:
-    if body.get("tools"):
-        raise InvalidRequest("tools: tool calling is not supported by this server yet", param="tools")
 
 
 # ---------------------------------------------------------------- response objects
@@ -167,6 +183,18 @@ def _message_item(item_id: str, text: str, status: str = "completed") -> dict[st
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
 
+def _call_item(call: ToolCall, status: str = "completed") -> dict[str, Any]:
+    arguments = call.arguments if status == "completed" else ""
+    return {
+        "type": "function_call",
+        "id": f"fc_{call.id.removeprefix('call_')}",
+        "call_id": call.id,
+        "name": call.name,
+        "arguments": arguments,
+        "status": status,
+    }
+
+
 # ---------------------------------------------------------------- endpoints
 
 
@@ -179,7 +207,7 @@ async def _create(request: Request, body: dict[str, Any], f: Fields, lease: Leas
     stream = f.boolean("stream", False)
     sampling = _sampling(f)
     max_tokens = f.integer("max_output_tokens", None, lo=1)
-    _reject_unsupported(body, f)
+    tools = openai_tools(body, flat=True)
     previous = f.string("previous_response_id")
     history: list[dict[str, Any]] = []
     if previous is not None:
@@ -197,19 +225,27 @@ async def _create(request: Request, body: dict[str, Any], f: Fields, lease: Leas
     instructions = f.string("instructions")
     messages = ([{"role": "system", "content": instructions}] if instructions else []) + conversation
     tokenizer = engine.loaded.tokenizer
-    prompt = await run_in_threadpool(encode_chat, tokenizer, messages, {})
+    prompt = await run_in_threadpool(encode_chat, tokenizer, messages, tools.template_kwargs())
     limit = budget(engine, len(prompt), max_tokens, "input")
     text = f.obj("text") or {}
     schema = openai_format(text.get("format"), "text.format", nested=False)
-    masker = await constraint(engine, schema, "text.format")
-    handle = await lease.start(
-        GenerationRequest(prompt, limit, sampling, constraint=masker), max_tokens_given=max_tokens is not None
-    )
+    masker = await prepare(engine, tools, await constraint(engine, schema, "text.format"))
+    gen = GenerationRequest(prompt, limit, sampling, constraint=masker, tools=tools.request_tools())
+    handle = await lease.start(gen, max_tokens_given=max_tokens is not None)
     draft = Draft(body, f, engine.loaded.id, previous)
 
-    def keep(response: dict[str, Any], text: str) -> None:
+    def keep(response: dict[str, Any], text: str, calls: list[ToolCall]) -> None:
         if draft.params["store"]:
-            reply = {"role": "assistant", "content": text}
+            reply: dict[str, Any] = {"role": "assistant", "content": text}
+            if calls:
+                reply["tool_calls"] = [
+                    {
+                        "id": c.id,
+                        "type": "function",
+                        "function": {"name": c.name, "arguments": orjson.loads(c.arguments)},
+                    }
+                    for c in calls
+                ]
             store(request).put(response, [*conversation, reply])
 
     if stream:
@@ -217,8 +253,10 @@ async def _create(request: Request, body: dict[str, Any], f: Fields, lease: Leas
             _events(draft, handle, keep), media_type="text/event-stream", headers=SSE_HEADERS
         )
     turn = await gather(handle, request)
-    response = draft.finished([_message_item(f"msg_{uuid.uuid4().hex}", turn.text)], turn.finished)
-    keep(response, turn.text)
+    output = [_message_item(f"msg_{uuid.uuid4().hex}", turn.text)] if turn.text or not turn.calls else []
+    output += [_call_item(c) for c in turn.calls]
+    response = draft.finished(output, turn.finished)
+    keep(response, turn.text, turn.calls)
     return JSONResponse(response)
 
 
@@ -231,31 +269,73 @@ async def _events(draft: Draft, handle: RequestHandle, keep: Any) -> AsyncIterat
         seq += 1
         return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
-    item_id = f"msg_{uuid.uuid4().hex}"
-    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    output: list[dict[str, Any]] = []  # finished items
     texts: list[str] = []
+    calls: list[ToolCall] = []
+    message: dict[str, Any] | None = None  # where the open message item's text goes
+
+    def open_message() -> list[bytes]:
+        nonlocal message
+        item_id = f"msg_{uuid.uuid4().hex}"
+        message = {"item_id": item_id, "output_index": len(output), "content_index": 0}
+        item = {**_message_item(item_id, "", "in_progress"), "content": []}
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        return [
+            event("response.output_item.added", {"output_index": len(output), "item": item}),
+            event("response.content_part.added", {**message, "part": part}),
+        ]
+
+    def close_message() -> list[bytes]:
+        nonlocal message
+        assert message is not None
+        where, message = message, None
+        text = "".join(texts)
+        texts.clear()
+        item = _message_item(where["item_id"], text)
+        output.append(item)
+        return [
+            event("response.output_text.done", {**where, "text": text, "logprobs": []}),
+            event("response.content_part.done", {**where, "part": item["content"][0]}),
+            event("response.output_item.done", {"output_index": where["output_index"], "item": item}),
+        ]
+
+    def call_events(call: ToolCall) -> list[bytes]:
+        index, item = len(output), _call_item(call)
+        output.append(item)
+        at = {"item_id": item["id"], "output_index": index}
+        return [
+            event(
+                "response.output_item.added", {"output_index": index, "item": _call_item(call, "in_progress")}
+            ),
+            event("response.function_call_arguments.delta", {**at, "delta": call.arguments}),
+            event("response.function_call_arguments.done", {**at, "arguments": call.arguments}),
+            event("response.output_item.done", {"output_index": index, "item": item}),
+        ]
+
     try:
         yield event("response.created", {"response": draft.object("in_progress", [])})
         yield event("response.in_progress", {"response": draft.object("in_progress", [])})
-        yield event(
-            "response.output_item.added",
-            {"output_index": 0, "item": {**_message_item(item_id, "", "in_progress"), "content": []}},
-        )
-        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-        yield event("response.content_part.added", {**where, "part": part})
         async for ev in handle.events():
             if isinstance(ev, TextDelta):
                 if ev.text:
+                    for chunk in open_message() if message is None else []:
+                        yield chunk
                     texts.append(ev.text)
-                    yield event("response.output_text.delta", {**where, "delta": ev.text, "logprobs": []})
+                    assert message is not None
+                    yield event("response.output_text.delta", {**message, "delta": ev.text, "logprobs": []})
+            elif isinstance(ev, ToolCall):
+                for chunk in [*(close_message() if message is not None else []), *call_events(ev)]:
+                    yield chunk
+                calls.append(ev)
             elif isinstance(ev, Finished):
-                text = "".join(texts)
-                item = _message_item(item_id, text)
-                yield event("response.output_text.done", {**where, "text": text, "logprobs": []})
-                yield event("response.content_part.done", {**where, "part": item["content"][0]})
-                yield event("response.output_item.done", {"output_index": 0, "item": item})
-                response = draft.finished([item], ev)
-                keep(response, text)
+                if message is None and not output:  # nothing was said: still one (empty) message
+                    for chunk in open_message():
+                        yield chunk
+                for chunk in close_message() if message is not None else []:
+                    yield chunk
+                response = draft.finished(output, ev)
+                said = "".join(i["content"][0]["text"] for i in output if i["type"] == "message")
+                keep(response, said, calls)
                 kind = "response.incomplete" if ev.reason == "length" else "response.completed"
                 yield event(kind, {"response": response})
                 return

@@ -12,7 +12,7 @@ from starlette.requests import Request
 
 from mlx_flash.api.errors import InternalError
 from mlx_flash.engine.engine import RequestHandle
-from mlx_flash.engine.request import Event, Failed, Finished, TextDelta
+from mlx_flash.engine.request import Event, Failed, Finished, TextDelta, ToolCall
 
 
 @dataclass
@@ -38,6 +38,10 @@ class Turn:
     finished: Finished
     clock: Clock
     events: list[Event] = field(default_factory=list)  # everything, in order (tool calls, reasoning)
+
+    @property
+    def calls(self) -> list[ToolCall]:
+        return [e for e in self.events if isinstance(e, ToolCall)]
 
 
 async def watched(handle: RequestHandle, request: Request) -> AsyncIterator[Event]:
