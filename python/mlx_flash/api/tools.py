@@ -60,9 +60,12 @@ def _function(name: Any, description: Any, parameters: Any, where: str, params_k
         raise InvalidRequest(
             f"{where}.{params_key} must be a JSON schema object", param=f"{where}.{params_key}"
         )
-    function: dict[str, Any] = {"name": name, "parameters": parameters}
+    # OpenAI's order (name, description, parameters): templates render the tools as JSON, and the
+    # model reads them the way they were written in its training.
+    function: dict[str, Any] = {"name": name}
     if description:
         function["description"] = description
+    function["parameters"] = parameters
     return {"type": "function", "function": function}
 
 

@@ -7,12 +7,6 @@ and it is never a runtime dependency. The PyTorch module below mirrors mlx-lm's
 
     pip install torch==2.13.0 tokenizers safetensors jinja2
     python -m mlx_flash.demo.train --out python/mlx_flash/demo/model
-
-The shipped model was trained from scratch with the defaults, then fine-tuned on a mix heavier in tool
-calls, from its own weights and tokenizer:
-
-    python -m mlx_flash.demo.train --init python/mlx_flash/demo/model --out python/mlx_flash/demo/model \
-        --steps 1500 --lr 1e-3 --weights add=40,json=8,echo=12,greet=4,tool=36
 """
 
 from __future__ import annotations
@@ -27,7 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor, nn
 
@@ -209,17 +203,6 @@ class DemoMoe(nn.Module):
         return out
 
 
-def torch_weights(mlx: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The inverse of `DemoMoe.mlx_weights`."""
-    out = {}
-    for name, p in mlx.items():
-        name = name.removeprefix("model.")
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            name = name.replace(f"mlp.switch_mlp.{proj}.weight", f"mlp.{proj}")
-        out[name] = p
-    return out
-
-
 # ---------------------------------------------------------------- data and training
 
 
@@ -307,25 +290,15 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--init", type=Path, help="fine-tune this model (its weights and tokenizer) instead")
-    p.add_argument("--weights", help="task mix, e.g. add=40,json=8,echo=12,greet=4,tool=36")
     args = p.parse_args()
-    if args.weights:
-        TASK_WEIGHTS.update({k: int(v) for k, v in (kv.split("=") for kv in args.weights.split(","))})
 
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    tok = (
-        Tokenizer.from_file(str(args.init / "tokenizer.json"))
-        if args.init
-        else build_tokenizer(rng, args.vocab)
-    )
+    tok = build_tokenizer(rng, args.vocab)
     eos, pad = tok.token_to_id(data.EOS_TOKEN), tok.token_to_id(data.PAD_TOKEN)
     config = {**CONFIG, "vocab_size": tok.get_vocab_size(), "eos_token_id": eos}
     model = DemoMoe(config)
-    if args.init:
-        model.load_state_dict(torch_weights(load_file(str(args.init / "model.safetensors"))))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"vocab {tok.get_vocab_size()}, parameters {n_params / 1e6:.2f}M", flush=True)
 
