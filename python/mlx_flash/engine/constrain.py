@@ -70,8 +70,11 @@ def tool_call_grammar(
     if not choices:
         raise ValueError(f"no tool named {name!r}" if name else "no tools")
     schema = choices[0] if len(choices) == 1 else {"anyOf": choices}
-    call = f"{start} %json{json.dumps({'x-guidance': JSON_OPTIONS, **schema})} {end}"
-    body = f"call ({json.dumps(chr(10))} call)*" if parallel else "call"
+    # Templates put the JSON on a line of its own (Qwen: "<tool_call>\n{...}\n</tool_call>"): allowed,
+    # so the model writes a forced call the way it learned to write calls.
+    nl = json.dumps("\n")
+    call = f"{start} {nl}? %json{json.dumps({'x-guidance': JSON_OPTIONS, **schema})} {nl}? {end}"
+    body = f"call ({nl} call)*" if parallel else "call"
     return LLMatcher.grammar_from_lark(f"start: {body}\ncall: {call}\n")
 
 
