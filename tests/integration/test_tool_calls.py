@@ -16,7 +16,7 @@ import pytest
 
 from helpers import Worker
 from mlx_flash.demo.data import TOOLS
-from mlx_flash.engine.tool_calls import ToolCallDetector
+from mlx_flash.engine.reply import ReplyParser
 from mlx_flash.models.loader import resolve
 
 WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -136,7 +136,7 @@ def test_parallel_calls_from_mlx_lms_parser() -> None:
     from mlx_lm.utils import load
 
     _, tokenizer = load(str(resolve("demo")))[:2]
-    detector = ToolCallDetector.for_request(tokenizer, TOOLS)
+    detector = ReplyParser.for_request(tokenizer, TOOLS)
     assert detector is not None
     text = (
         'Sure.<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'

@@ -22,10 +22,19 @@ from mlx_flash.api.tools import ToolSpec, anthropic_tools, prepare
 from mlx_flash.api.turn import gather
 from mlx_flash.engine.engine import RequestHandle
 from mlx_flash.engine.prompt import encode_chat
-from mlx_flash.engine.request import Finished, GenerationRequest, SamplingParams, TextDelta, ToolCall
+from mlx_flash.engine.request import (
+    Finished,
+    GenerationRequest,
+    ReasoningDelta,
+    SamplingParams,
+    TextDelta,
+    ToolCall,
+)
 from mlx_flash.models.scheduler import Lease
 
 STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use"}
+# The model's own thinking carries no signature (Anthropic signs theirs); the SDK needs the key.
+THINKING_BLOCK = {"type": "thinking", "thinking": "", "signature": ""}
 
 
 @dataclass(frozen=True)
@@ -198,7 +207,13 @@ async def _messages(request: Request, body: dict[str, Any], f: Fields, lease: Le
     max_tokens = budget(engine, len(prompt), max_tokens, "messages")
     masker = await prepare(engine, parsed.tools, None)
     gen = GenerationRequest(
-        prompt, max_tokens, sampling, stops, constraint=masker, tools=parsed.tools.request_tools()
+        prompt,
+        max_tokens,
+        sampling,
+        stops,
+        constraint=masker,
+        tools=parsed.tools.request_tools(),
+        split_reasoning=True,
     )
     handle = await lease.start(gen, max_tokens_given=True)
     head = {
@@ -215,11 +230,13 @@ async def _messages(request: Request, body: dict[str, Any], f: Fields, lease: Le
     fin = turn.finished
     content: list[dict[str, Any]] = []
     for ev in turn.events:
-        if isinstance(ev, TextDelta) and ev.text:
-            if content and content[-1]["type"] == "text":
-                content[-1]["text"] += ev.text
+        if isinstance(ev, TextDelta | ReasoningDelta) and ev.text:
+            kind, key = ("text", "text") if isinstance(ev, TextDelta) else ("thinking", "thinking")
+            if content and content[-1]["type"] == kind:
+                content[-1][key] += ev.text
             else:
-                content.append({"type": "text", "text": ev.text})
+                block = {"type": kind, key: ev.text}
+                content.append(block if kind == "text" else {**block, "signature": ""})
         elif isinstance(ev, ToolCall):
             content.append(_tool_use(ev))
     return JSONResponse(
@@ -256,24 +273,31 @@ async def _events(head: dict[str, Any], handle: RequestHandle, prompt_len: int) 
         "stop_sequence": None,
         "usage": {"input_tokens": prompt_len, "output_tokens": 0, "cache_read_input_tokens": 0},
     }
-    index, text_open = -1, False  # the last content block, and whether it is an open text block
+    index, open_kind = -1, None  # the last content block, and the kind of the open one (text, thinking)
     try:
         yield event("message_start", {"message": start})
         yield event("ping", {})
         async for ev in handle.events():
-            if isinstance(ev, TextDelta):
+            if isinstance(ev, TextDelta | ReasoningDelta):
                 if not ev.text:
                     continue
-                if not text_open:
-                    index, text_open = index + 1, True
-                    block = {"type": "text", "text": ""}
+                kind = "text" if isinstance(ev, TextDelta) else "thinking"
+                if open_kind != kind:
+                    if open_kind is not None:
+                        yield event("content_block_stop", {"index": index})
+                    index, open_kind = index + 1, kind
+                    block = {"type": "text", "text": ""} if kind == "text" else THINKING_BLOCK
                     yield event("content_block_start", {"index": index, "content_block": block})
-                delta = {"type": "text_delta", "text": ev.text}
+                delta = (
+                    {"type": "text_delta", "text": ev.text}
+                    if kind == "text"
+                    else {"type": "thinking_delta", "thinking": ev.text}
+                )
                 yield event("content_block_delta", {"index": index, "delta": delta})
             elif isinstance(ev, ToolCall):
-                if text_open:
+                if open_kind is not None:
                     yield event("content_block_stop", {"index": index})
-                index, text_open = index + 1, False
+                index, open_kind = index + 1, None
                 yield event(
                     "content_block_start", {"index": index, "content_block": _tool_use(ev, whole=False)}
                 )
@@ -281,7 +305,7 @@ async def _events(head: dict[str, Any], handle: RequestHandle, prompt_len: int) 
                 yield event("content_block_delta", {"index": index, "delta": delta})
                 yield event("content_block_stop", {"index": index})
             elif isinstance(ev, Finished):
-                if text_open:
+                if open_kind is not None:
                     yield event("content_block_stop", {"index": index})
                 end = {"stop_reason": _stop_reason(ev), "stop_sequence": ev.stop_sequence}
                 yield event("message_delta", {"delta": end, "usage": _usage(ev)})

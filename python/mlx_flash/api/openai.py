@@ -32,6 +32,7 @@ from mlx_flash.engine.request import (
     Failed,
     Finished,
     GenerationRequest,
+    ReasoningDelta,
     SamplingParams,
     TextDelta,
     TokenLogprob,
@@ -249,6 +250,7 @@ def sse(payload: Any) -> bytes:
 @dataclass
 class Collected:
     text: str
+    reasoning: str
     logprobs: list[TokenLogprob]
     calls: list[ToolCall]
     finished: Finished
@@ -266,17 +268,20 @@ async def collect(handle: RequestHandle, request: Request) -> Collected:
     texts: list[str] = []
     items: list[TokenLogprob] = []
     calls: list[ToolCall] = []
+    thought: list[str] = []
     try:
         async for ev in handle.events():
             if isinstance(ev, TextDelta):
                 texts.append(ev.text)
                 items.extend(ev.logprobs)
+            elif isinstance(ev, ReasoningDelta):
+                thought.append(ev.text)
             elif isinstance(ev, ToolCall):
                 calls.append(ev)
             elif isinstance(ev, Failed):
                 raise InternalError()
             else:
-                return Collected("".join(texts), items, calls, ev)
+                return Collected("".join(texts), "".join(thought), items, calls, ev)
         raise InternalError()  # events() always ends with Finished or Failed
     finally:
         watcher.cancel()
@@ -315,6 +320,7 @@ def streaming(
     on_delta: Callable[[TextDelta], dict[str, Any]],
     on_finish: Callable[[Finished], dict[str, Any]],
     on_call: Callable[[ToolCall], list[dict[str, Any]]] | None = None,
+    on_reasoning: Callable[[ReasoningDelta], dict[str, Any]] | None = None,
 ) -> StreamingResponse:
     """SSE of one generation: a chunk per delta (tool calls: the chunks `on_call` makes), the final
     chunk, usage if asked, then [DONE]."""
@@ -329,6 +335,9 @@ def streaming(
                 elif isinstance(ev, ToolCall):
                     for choice in on_call(ev) if on_call else ():
                         yield env.chunk(choice)
+                elif isinstance(ev, ReasoningDelta):
+                    if on_reasoning is not None:
+                        yield env.chunk(on_reasoning(ev))
                 elif isinstance(ev, Finished):
                     yield env.chunk(on_finish(ev))
                     if env.include_usage:
@@ -388,7 +397,7 @@ async def _chat(request: Request, body: dict[str, Any], f: Fields, lease: Lease)
     schema = openai_format(body.get("response_format"), "response_format", nested=True)
     masker = await prepare(engine, tools, await constraint(engine, schema, "response_format"))
     gen = GenerationRequest(
-        prompt, max_tokens, common.sampling, common.stop, logprobs, top, masker, tools.request_tools()
+        prompt, max_tokens, common.sampling, common.stop, logprobs, top, masker, tools.request_tools(), True
     )
     handle = await lease.start(gen, max_tokens_given=common.max_tokens is not None)
     env = Envelope(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", engine.loaded.id, common.include_usage)
@@ -403,6 +412,8 @@ async def _chat(request: Request, body: dict[str, Any], f: Fields, lease: Lease)
             "content": got.text if got.text or not got.calls else None,
             "refusal": None,
         }
+        if got.reasoning:  # vLLM's and DeepSeek's name for it
+            message["reasoning_content"] = got.reasoning
         if got.calls:
             message["tool_calls"] = [
                 {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
@@ -426,6 +437,7 @@ async def _chat(request: Request, body: dict[str, Any], f: Fields, lease: Lease)
         on_delta=lambda ev: choice({"content": ev.text}, lp_obj(ev.logprobs)),
         on_finish=lambda fin: choice({}, None, fin.reason),
         on_call=lambda call: [choice({"tool_calls": [part]}) for part in call_fragments(call)],
+        on_reasoning=lambda ev: choice({"reasoning_content": ev.text}),
     )
 
 

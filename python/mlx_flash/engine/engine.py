@@ -29,6 +29,7 @@ from mlx_flash.engine.constrain import Grammars
 from mlx_flash.engine.logprobs import TokenBytes, token_logprob
 from mlx_flash.engine.pacing import PrefillPacer
 from mlx_flash.engine.prefix_cache import PrefixCache
+from mlx_flash.engine.reply import ReplyParser
 from mlx_flash.engine.request import (
     Event,
     Failed,
@@ -40,7 +41,6 @@ from mlx_flash.engine.request import (
     TokenLogprob,
 )
 from mlx_flash.engine.stops import Piece, StopMatcher
-from mlx_flash.engine.tool_calls import ToolCallDetector
 from mlx_flash.models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -370,7 +370,9 @@ class _Stream:
         self._running.inc()
         self._detokenizer = engine.loaded.tokenizer.detokenizer
         self._matcher: StopMatcher[TokenLogprob | None] = StopMatcher(handle.request.stop)
-        self._tools = ToolCallDetector.for_request(engine.loaded.tokenizer, handle.request.tools)
+        req = handle.request
+        tokenizer = engine.loaded.tokenizer
+        self._reply = ReplyParser.for_request(tokenizer, req.tools, req.prompt_tokens, req.split_reasoning)
         self._completion = 0
         self._last = 0.0
         # Label lookups cost a lock and a dict each; resolve them once, not once per token.
@@ -421,17 +423,17 @@ class _Stream:
         items = tuple(p.item for p in pieces if p.item is not None)
         if not text and not items:
             return
-        if self._tools is None:
+        if self._reply is None:
             self.handle.emit(TextDelta(text, items))
             return
-        for event in self._tools.push(text, items):
+        for event in self._reply.push(text, items):
             self.handle.emit(event)
 
     def _finish(self, reason: FinishReason) -> None:
-        if self._tools is not None:
-            for event in self._tools.finish():
+        if self._reply is not None:
+            for event in self._reply.finish():
                 self.handle.emit(event)
-            if self._tools.calls and reason == "stop":
+            if self._reply.calls and reason == "stop":
                 reason = "tool_calls"
         self._finished = reason
         req = self.handle.request

@@ -38,6 +38,8 @@ class GenerationRequest:
     constraint: Masker | None = None
     # Function tools (OpenAI-shaped) the model may call: its tool-call markup becomes ToolCall events.
     tools: tuple[dict[str, Any], ...] = ()
+    # A chat reply: a thinking model's reasoning comes as ReasoningDelta events, apart from the text.
+    split_reasoning: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,13 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class ReasoningDelta:
+    """Text of the model's thinking (between its reasoning markers), apart from the reply."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class ToolCall:
     """One complete call the model made: `arguments` is the JSON text of an object."""
 
@@ -87,4 +96,4 @@ class Failed:
     message: str
 
 
-Event = TextDelta | ToolCall | Finished | Failed
+Event = TextDelta | ReasoningDelta | ToolCall | Finished | Failed

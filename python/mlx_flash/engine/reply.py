@@ -1,10 +1,11 @@
-"""Tool calls out of generated text: the one place where the model's tool-call markup becomes `ToolCall`
-events, for every API surface.
+"""A reply's parts out of generated text: the one place where the model's reasoning and tool-call
+markup become `ReasoningDelta` and `ToolCall` events, for every API surface.
 
-The model's format comes from mlx-lm: its tokenizer wrapper knows the markers (`tool_call_start`,
-`tool_call_end`) and the parser for what lies between them (`mlx_lm/tool_parsers/`). Markers are found
-in the decoded text with mlx-lm's `TextStateMachine`, which holds back text that could still become a
-marker, so no partial `<tool_call>` leaks into the content while streaming.
+The model's formats come from mlx-lm: its tokenizer wrapper knows the reasoning markers (`think_start`,
+`think_end`), the tool-call markers (`tool_call_start`, `tool_call_end`) and the parser for what lies
+between them (`mlx_lm/tool_parsers/`). Markers are found in the decoded text with mlx-lm's
+`TextStateMachine`, which holds back text that could still become a marker, so no partial `<think>` or
+`<tool_call>` leaks into the content while streaming.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from mlx_lm.generate import TextStateMachine
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from mlx_flash.engine.request import Event, TextDelta, TokenLogprob, ToolCall
+from mlx_flash.engine.request import Event, ReasoningDelta, TextDelta, TokenLogprob, ToolCall
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +55,37 @@ def parse_calls(parser: Parser, text: str, tools: Sequence[dict[str, Any]]) -> l
     return out
 
 
-class ToolCallDetector:
+class ReplyParser:
     """Feed it the text one request generates (after stop strings); it returns the events to emit:
-    `TextDelta`s for ordinary text and one `ToolCall` per call, once its closing marker arrives.
+    `TextDelta`s for ordinary text, `ReasoningDelta`s for the model's thinking, and one `ToolCall` per
+    call, once its closing marker arrives.
 
     Markup that does not parse as a call is passed on as text, markers and all, so nothing the
     model wrote silently disappears. Whitespace between calls is dropped.
     """
 
-    def __init__(self, start: str, end: str | None, parser: Parser, tools: Sequence[dict[str, Any]]) -> None:
-        self._start, self._end = start, end or ""
-        self._parser = parser
+    def __init__(
+        self,
+        tools: Sequence[dict[str, Any]] = (),
+        call: tuple[str, str | None, Parser] | None = None,
+        think: tuple[str, str] | None = None,
+        reasoning: bool = False,
+    ) -> None:
+        """`call`: the tool-call markers and parser (None: calls are not parsed); `think`: the
+        reasoning markers (None: no reasoning); `reasoning`: the prompt left a thought open."""
+        self._parser: Parser | None = call[2] if call else None
+        self._start, self._end = (call[0], call[1] or "") if call else ("", "")
         self._tools = tools
-        transitions = {"normal": [(start, "tool")], "tool": [(end, "normal")] if end else []}
-        self._state = TextStateMachine(transitions).make_state("normal")  # type: ignore[no-untyped-call]
+        normal: list[tuple[str, str]] = []
+        transitions: dict[str, list[tuple[str, str]]] = {"normal": normal}
+        if call is not None:
+            normal.append((self._start, "tool"))
+            transitions["tool"] = [(self._end, "normal")] if self._end else []
+        if think is not None:
+            normal.append((think[0], "reasoning"))
+            transitions["reasoning"] = [(think[1], "normal")]
+        initial = "reasoning" if reasoning and think is not None else "normal"
+        self._state = TextStateMachine(transitions).make_state(initial)  # type: ignore[no-untyped-call]
         self._in_call = False
         self._call_text = ""
         self._gap = ""  # whitespace after a call: dropped if another call (or the end) follows
@@ -76,11 +94,23 @@ class ToolCallDetector:
 
     @classmethod
     def for_request(
-        cls, tokenizer: TokenizerWrapper, tools: Sequence[dict[str, Any]]
-    ) -> ToolCallDetector | None:
-        if not tools or not tokenizer.has_tool_calling:
+        cls,
+        tokenizer: TokenizerWrapper,
+        tools: Sequence[dict[str, Any]] = (),
+        prompt: Sequence[int] = (),
+        reasoning: bool = False,
+    ) -> ReplyParser | None:
+        """The parser a request needs: tool calls if it has tools, reasoning if asked and the model
+        thinks (in reasoning from the start when the prompt opened a thought, as some templates do)."""
+        calls = bool(tools) and tokenizer.has_tool_calling
+        thinks = reasoning and tokenizer.has_thinking
+        if not calls and not thinks:
             return None
-        return cls(tokenizer.tool_call_start, tokenizer.tool_call_end, tokenizer.tool_parser, tools)
+        call = (tokenizer.tool_call_start, tokenizer.tool_call_end, tokenizer.tool_parser) if calls else None
+        think = (tokenizer.think_start, tokenizer.think_end) if thinks else None
+        tail = list(prompt[-64:])  # a template opens the thought at the very end of the prompt
+        opened = think is not None and tokenizer.rfind_think_start(tail) > tokenizer.rfind_think_end(tail)  # type: ignore[no-untyped-call]
+        return cls(tools, call, think, opened)
 
     def push(self, text: str, items: Sequence[TokenLogprob] = ()) -> list[Event]:
         self._items.extend(items)
@@ -99,6 +129,10 @@ class ToolCallDetector:
     def _segments(self, segments: list[tuple[str | None, str]]) -> list[Event]:
         out: list[Event] = []
         for state, text in segments:
+            if state == "reasoning":
+                if text:
+                    out.append(ReasoningDelta(text))
+                continue
             if state == "tool":
                 if not self._in_call:  # a call starts: the text before it is all out
                     self._in_call, self._call_text, self._gap = True, "", ""
@@ -120,6 +154,7 @@ class ToolCallDetector:
         text, self._call_text = self._call_text, ""
         items, self._items = self._items, []
         try:
+            assert self._parser is not None  # only a parser for calls enters the "tool" state
             calls = parse_calls(self._parser, text, self._tools)
         except ValueError as e:
             log.warning("the model's tool call does not parse; passed on as text", extra={"error": str(e)})
