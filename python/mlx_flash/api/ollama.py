@@ -30,7 +30,15 @@ from mlx_flash.api.tools import NO_TOOLS, ToolSpec, ollama_tools, prepare
 from mlx_flash.api.turn import Clock, gather
 from mlx_flash.engine.engine import Engine, RequestHandle
 from mlx_flash.engine.prompt import encode_chat, encode_text
-from mlx_flash.engine.request import Failed, Finished, GenerationRequest, SamplingParams, TextDelta, ToolCall
+from mlx_flash.engine.request import (
+    Failed,
+    Finished,
+    GenerationRequest,
+    ReasoningDelta,
+    SamplingParams,
+    TextDelta,
+    ToolCall,
+)
 from mlx_flash.models.scheduler import Lease
 from mlx_flash.worker_state import WorkerState
 
@@ -155,19 +163,25 @@ class Reply:
         self.model = model
         self.arrived = arrived
 
-    def chunk(self, text: str, done: bool = False, calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
+    def chunk(
+        self, text: str, done: bool = False, calls: Sequence[ToolCall] = (), thinking: str = ""
+    ) -> dict[str, Any]:
         head = {"model": self.model, "created_at": now()}
         if self.chat:
             message: dict[str, Any] = {"role": "assistant", "content": text}
+            if thinking:
+                message["thinking"] = thinking
             if calls:  # arguments as an object, each call whole in one line
                 message["tool_calls"] = [
                     {"function": {"index": c.index, "name": c.name, "arguments": orjson.loads(c.arguments)}}
                     for c in calls
                 ]
             return {**head, "message": message, "done": done}
-        return {**head, "response": text, "done": done}
+        return {**head, "response": text, **({"thinking": thinking} if thinking else {}), "done": done}
 
-    def final(self, text: str, fin: Finished, clock: Clock, calls: Sequence[ToolCall] = ()) -> dict[str, Any]:
+    def final(
+        self, text: str, fin: Finished, clock: Clock, calls: Sequence[ToolCall] = (), thinking: str = ""
+    ) -> dict[str, Any]:
         end = clock.end or time.perf_counter()
         first = clock.first or end
 
@@ -175,7 +189,7 @@ class Reply:
             return max(0, int(seconds * 1e9))
 
         return {
-            **self.chunk(text, done=True, calls=calls),
+            **self.chunk(text, done=True, calls=calls, thinking=thinking),
             "done_reason": "length" if fin.reason == "length" else "stop",
             "total_duration": ns(end - self.arrived),
             "load_duration": ns(clock.submitted - self.arrived),
@@ -200,6 +214,9 @@ async def _lines(reply: Reply, handle: RequestHandle) -> AsyncIterator[bytes]:
                     yield line(reply.chunk(ev.text))
             elif isinstance(ev, ToolCall):
                 yield line(reply.chunk("", calls=[ev]))
+            elif isinstance(ev, ReasoningDelta):
+                if ev.text:
+                    yield line(reply.chunk("", thinking=ev.text))
             elif isinstance(ev, Finished):
                 clock.ended()
                 yield line(reply.final("", ev, clock))
@@ -250,7 +267,13 @@ async def _serve(
             engine, tools, await constraint(engine, ollama_format(body.get("format")), "format")
         )
         gen = GenerationRequest(
-            prompt, max_tokens, options.sampling, options.stop, constraint=masker, tools=tools.request_tools()
+            prompt,
+            max_tokens,
+            options.sampling,
+            options.stop,
+            constraint=masker,
+            tools=tools.request_tools(),
+            split_reasoning=not body.get("raw"),
         )
         handle = await lease.start(gen, max_tokens_given=options.max_tokens is not None)
     if seconds is not None:
@@ -258,7 +281,8 @@ async def _serve(
     if stream:
         return StreamingResponse(_lines(reply, handle), media_type=NDJSON)
     turn = await gather(handle, request)
-    return JSONResponse(reply.final(turn.text, turn.finished, turn.clock, turn.calls))
+    thinking = "".join(e.text for e in turn.events if isinstance(e, ReasoningDelta))
+    return JSONResponse(reply.final(turn.text, turn.finished, turn.clock, turn.calls, thinking))
 
 
 async def _generate_prompt(body: dict[str, Any], lease: Lease) -> tuple[list[int], ToolSpec]:

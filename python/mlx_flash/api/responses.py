@@ -23,7 +23,14 @@ from mlx_flash.api.tools import openai_tools, prepare
 from mlx_flash.api.turn import gather
 from mlx_flash.engine.engine import RequestHandle
 from mlx_flash.engine.prompt import encode_chat
-from mlx_flash.engine.request import Finished, GenerationRequest, SamplingParams, TextDelta, ToolCall
+from mlx_flash.engine.request import (
+    Finished,
+    GenerationRequest,
+    ReasoningDelta,
+    SamplingParams,
+    TextDelta,
+    ToolCall,
+)
 from mlx_flash.models.scheduler import Lease
 
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
@@ -183,6 +190,11 @@ def _message_item(item_id: str, text: str, status: str = "completed") -> dict[st
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
 
+def _reasoning_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    content = [{"type": "reasoning_text", "text": text}] if text else []
+    return {"type": "reasoning", "id": item_id, "summary": [], "content": content, "status": status}
+
+
 def _call_item(call: ToolCall, status: str = "completed") -> dict[str, Any]:
     arguments = call.arguments if status == "completed" else ""
     return {
@@ -230,7 +242,9 @@ async def _create(request: Request, body: dict[str, Any], f: Fields, lease: Leas
     text = f.obj("text") or {}
     schema = openai_format(text.get("format"), "text.format", nested=False)
     masker = await prepare(engine, tools, await constraint(engine, schema, "text.format"))
-    gen = GenerationRequest(prompt, limit, sampling, constraint=masker, tools=tools.request_tools())
+    gen = GenerationRequest(
+        prompt, limit, sampling, constraint=masker, tools=tools.request_tools(), split_reasoning=True
+    )
     handle = await lease.start(gen, max_tokens_given=max_tokens is not None)
     draft = Draft(body, f, engine.loaded.id, previous)
 
@@ -253,7 +267,13 @@ async def _create(request: Request, body: dict[str, Any], f: Fields, lease: Leas
             _events(draft, handle, keep), media_type="text/event-stream", headers=SSE_HEADERS
         )
     turn = await gather(handle, request)
-    output = [_message_item(f"msg_{uuid.uuid4().hex}", turn.text)] if turn.text or not turn.calls else []
+    thought = "".join(e.text for e in turn.events if isinstance(e, ReasoningDelta))
+    output = [_reasoning_item(f"rs_{uuid.uuid4().hex}", thought)] if thought else []
+    output += (
+        [_message_item(f"msg_{uuid.uuid4().hex}", turn.text)]
+        if turn.text or not (turn.calls or thought)
+        else []
+    )
     output += [_call_item(c) for c in turn.calls]
     response = draft.finished(output, turn.finished)
     keep(response, turn.text, turn.calls)
@@ -273,6 +293,29 @@ async def _events(draft: Draft, handle: RequestHandle, keep: Any) -> AsyncIterat
     texts: list[str] = []
     calls: list[ToolCall] = []
     message: dict[str, Any] | None = None  # where the open message item's text goes
+    reasoning: dict[str, Any] | None = None  # where the open reasoning item's text goes
+    thought: list[str] = []
+
+    def open_reasoning() -> list[bytes]:
+        nonlocal reasoning
+        item_id = f"rs_{uuid.uuid4().hex}"
+        reasoning = {"item_id": item_id, "output_index": len(output), "content_index": 0}
+        item = _reasoning_item(item_id, "", "in_progress")
+        return [event("response.output_item.added", {"output_index": len(output), "item": item})]
+
+    def close_reasoning() -> list[bytes]:
+        nonlocal reasoning
+        if reasoning is None:
+            return []
+        where, reasoning = reasoning, None
+        text = "".join(thought)
+        thought.clear()
+        item = _reasoning_item(where["item_id"], text)
+        output.append(item)
+        return [
+            event("response.reasoning_text.done", {**where, "text": text}),
+            event("response.output_item.done", {"output_index": where["output_index"], "item": item}),
+        ]
 
     def open_message() -> list[bytes]:
         nonlocal message
@@ -316,6 +359,16 @@ async def _events(draft: Draft, handle: RequestHandle, keep: Any) -> AsyncIterat
         yield event("response.created", {"response": draft.object("in_progress", [])})
         yield event("response.in_progress", {"response": draft.object("in_progress", [])})
         async for ev in handle.events():
+            if isinstance(ev, ReasoningDelta):
+                if ev.text:
+                    for chunk in open_reasoning() if reasoning is None else []:
+                        yield chunk
+                    thought.append(ev.text)
+                    assert reasoning is not None
+                    yield event("response.reasoning_text.delta", {**reasoning, "delta": ev.text})
+                continue
+            for chunk in close_reasoning():
+                yield chunk
             if isinstance(ev, TextDelta):
                 if ev.text:
                     for chunk in open_message() if message is None else []:
