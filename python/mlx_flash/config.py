@@ -42,6 +42,7 @@ class WorkerConfig:
     expert_policy: str = "decay"  # which expert a full pool evicts: lru, lfu or decay
     worker_id: str | None = None
     local_workers: int = 1
+    sidecar_url: str | None = None  # serve MCP at /mcp, its tools calling the sidecar here
     host: str = "127.0.0.1"
     port: int = 8080
     uds: str | None = None

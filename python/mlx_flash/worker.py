@@ -204,7 +204,10 @@ def create_app(state: WorkerState, on_fatal: Callable[[], None] | None = None) -
             asyncio.create_task(_load_startup_models(state, on_fatal)),
             asyncio.create_task(state.scheduler.expire_idle()),
         ]
-        yield
+        async with contextlib.AsyncExitStack() as stack:
+            if mcp is not None:
+                await stack.enter_async_context(mcp.session_manager.run())
+            yield
         for task in tasks:
             task.cancel()
         await state.close()
@@ -219,6 +222,12 @@ def create_app(state: WorkerState, on_fatal: Callable[[], None] | None = None) -
         *ollama.routes(),
         *admin.routes(),
     ]
+    mcp = None
+    if state.config.sidecar_url:  # behind a sidecar: MCP's tools call its API
+        from mlx_flash.mcp import server as mcp_server
+
+        mcp_app, mcp = mcp_server.http_app(state.config.sidecar_url)
+        routes.extend(mcp_app.routes)
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
@@ -426,6 +435,11 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--worker-id", default=None, help="set by the sidecar: names this worker's SSD cache dir")
     p.add_argument(
+        "--sidecar-url",
+        default=None,
+        help="set by the sidecar: serve MCP at /mcp, its tools calling this URL",
+    )
+    p.add_argument(
         "--local-workers", type=int, default=1, help="set by the sidecar: workers sharing this host"
     )
     p.add_argument("--max-body-bytes", type=int, default=env_int("MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES))
@@ -457,6 +471,7 @@ def config_from(args: argparse.Namespace) -> WorkerConfig:
         expert_trace=args.expert_trace,
         expert_memory=args.expert_memory,
         expert_policy=args.expert_policy,
+        sidecar_url=args.sidecar_url,
         host=args.host,
         port=args.port,
         uds=args.uds,

@@ -139,6 +139,8 @@ pub struct Settings {
     pub backends: Vec<BackendConfig>,
     /// `--grace-period` as a duration.
     pub grace_period: Duration,
+    /// Where local workers reach this sidecar's API (their MCP tools call it); set once listening.
+    pub url: Option<String>,
 }
 
 impl Config {
@@ -212,6 +214,7 @@ impl Config {
             workers,
             backends,
             grace_period,
+            url: None,
         })
     }
 }

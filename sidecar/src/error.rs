@@ -1,5 +1,5 @@
 //! Errors: [`StartError`] stops the process with one line; [`ApiError`] answers one request in the
-//! error shape of the API the client speaks (OpenAI, Anthropic or Ollama).
+//! error shape of the API the client speaks (OpenAI, Anthropic, Ollama or MCP's JSON-RPC).
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -40,6 +40,8 @@ pub enum Family {
     Anthropic,
     /// Ollama: `/api/*`.
     Ollama,
+    /// MCP's Streamable HTTP: `/mcp`, whose errors are JSON-RPC error responses.
+    Mcp,
 }
 
 impl Family {
@@ -49,6 +51,8 @@ impl Family {
             Family::Anthropic
         } else if path.starts_with("/api/") {
             Family::Ollama
+        } else if path == "/mcp" || path.starts_with("/mcp/") {
+            Family::Mcp
         } else {
             Family::OpenAi
         }
@@ -169,6 +173,18 @@ pub fn error_body(
             json!({"type": "error", "error": {"type": kind, "message": message}})
         }
         Family::Ollama => json!({ "error": message }),
+        Family::Mcp => {
+            // JSON-RPC: -32600 for a request we cannot read, the server-error range otherwise;
+            // the HTTP status and our code ride along in `data`.
+            let rpc =
+                if status == StatusCode::BAD_REQUEST || status == StatusCode::PAYLOAD_TOO_LARGE {
+                    -32600
+                } else {
+                    -32000
+                };
+            json!({"jsonrpc": "2.0", "id": null, "error": {"code": rpc, "message": message,
+                "data": {"status": status.as_u16(), "code": code}}})
+        }
     }
 }
 
@@ -177,9 +193,36 @@ impl IntoResponse for ApiError {
         let (status, body) = self.to_json();
         let mut response = (status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
-        if matches!(self.kind, ErrorKind::Unavailable(_)) {
-            headers.insert("retry-after", HeaderValue::from_static("2"));
+        match self.kind {
+            ErrorKind::Unavailable(_) => {
+                headers.insert("retry-after", HeaderValue::from_static("2"));
+            }
+            // RFC 9110: a 401 names the scheme it wants.
+            ErrorKind::Unauthorized => {
+                headers.insert("www-authenticate", HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mcp_errors_are_json_rpc() {
+        assert_eq!(Family::of("/mcp"), Family::Mcp);
+        assert_eq!(Family::of("/mcpx"), Family::OpenAi);
+        let (status, body) = ApiError::new("/mcp", ErrorKind::Unauthorized).to_json();
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body["jsonrpc"], "2.0");
+        assert!(body["id"].is_null());
+        assert_eq!(body["error"]["code"], -32000);
+        assert_eq!(body["error"]["data"]["status"], 401);
+        assert_eq!(body["error"]["data"]["code"], "invalid_api_key");
+        let (_, body) = ApiError::new("/mcp", ErrorKind::PayloadTooLarge(10)).to_json();
+        assert_eq!(body["error"]["code"], -32600);
     }
 }

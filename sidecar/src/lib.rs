@@ -234,6 +234,16 @@ fn raise_open_files_limit() {
     }
 }
 
+/// The URL on this machine that reaches a listener on `local`: loopback for a wildcard address.
+fn callback_url(local: SocketAddr) -> String {
+    let ip = match local.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, local.port()))
+}
+
 /// Local workers (on sockets in `runtime_dir`) first, then remote backends.
 fn backends(settings: &Settings, runtime_dir: &std::path::Path) -> Vec<Arc<Backend>> {
     let local = (0..settings.workers).map(|index| {
@@ -303,13 +313,15 @@ pub async fn serve(
             what: "cannot create the runtime directory".into(),
             source,
         })?;
-    let backends = backends(&settings, runtime_dir.path());
-    let grace = settings.grace_period;
-    let state = AppState::new(settings, backends);
     let local = listener.local_addr().map_err(|source| StartError::Io {
         what: "cannot read the listening address".into(),
         source,
     })?;
+    let mut settings = settings;
+    settings.url = Some(callback_url(local));
+    let backends = backends(&settings, runtime_dir.path());
+    let grace = settings.grace_period;
+    let state = AppState::new(settings, backends);
     // Always logged, whatever the level: with --port 0 it is how callers learn the port.
     logging::always(
         "listening",

@@ -1,8 +1,11 @@
-"""`mlx-flash mcp`: an MCP server over stdio whose tools call a running mlx-flash server over HTTP.
+"""The MCP server whose tools call a running mlx-flash server over its HTTP API.
 
-It never loads a model itself. The official `mcp` SDK answers both connection styles: the
-`initialize` handshake and the stateless 2026-07-28 `server/discover`; unknown methods get -32601.
-stdout carries only protocol messages; logs go to stderr; the process ends on stdin EOF.
+Two transports, one server: `mlx-flash mcp` speaks stdio (stdout carries only protocol messages;
+logs go to stderr; the process ends on stdin EOF), and every worker the sidecar starts serves
+Streamable HTTP at `/mcp` (stateless: any worker answers any request), whose tools call back the
+sidecar with the caller's own credentials. Tools never load a model themselves. The official `mcp`
+SDK answers both connection styles: the `initialize` handshake and the stateless 2026-07-28
+`server/discover`; unknown methods get -32601.
 """
 
 from __future__ import annotations
@@ -15,25 +18,38 @@ from typing import Any
 
 import httpx
 from mcp.server import MCPServer
+from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.applications import Starlette
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 
+CREDENTIALS = ("authorization", "x-api-key")
+
+
 class Api:
-    """The running server's HTTP API, with the key when one is set."""
+    """The running server's HTTP API, with the key when one is set. Over HTTP each call carries
+    the credentials of the MCP request it serves instead: the caller's own key."""
 
     def __init__(self, url: str, api_key: str | None) -> None:
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=600)
 
-    async def get(self, path: str) -> Any:
-        response = await self.client.get(path)
+    async def get(self, ctx: Context, path: str) -> Any:
+        response = await self.client.get(path, headers=_credentials(ctx))
         return _json(response)
 
-    async def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        response = await self.client.post(path, json=body or {})
+    async def post(self, ctx: Context, path: str, body: dict[str, Any] | None = None) -> Any:
+        response = await self.client.post(path, json=body or {}, headers=_credentials(ctx))
         return _json(response)
+
+
+def _credentials(ctx: Context) -> dict[str, str]:
+    """The key headers of the HTTP request behind `ctx` (none on stdio)."""
+    headers = ctx.headers or {}
+    return {name: headers[name] for name in CREDENTIALS if name in headers}
 
 
 def _json(response: httpx.Response) -> Any:
@@ -57,7 +73,7 @@ def build(url: str, api_key: str | None) -> MCPServer:
 
     @mcp.tool()
     async def generate(
-        prompt: str, model: str | None = None, max_tokens: int = 256, temperature: float = 0.0
+        ctx: Context, prompt: str, model: str | None = None, max_tokens: int = 256, temperature: float = 0.0
     ) -> str:
         """Complete raw text (no chat template) with a loaded model; returns the completion text.
 
@@ -65,12 +81,13 @@ def build(url: str, api_key: str | None) -> MCPServer:
         max_tokens: at most this many new tokens. temperature: 0 is greedy (deterministic).
         """
         body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature}
-        body["model"] = model or await _default_model(api)
-        reply = await api.post("/v1/completions", body)
+        body["model"] = model or await _default_model(ctx, api)
+        reply = await api.post(ctx, "/v1/completions", body)
         return str(reply["choices"][0]["text"])
 
     @mcp.tool()
     async def chat(
+        ctx: Context,
         messages: list[dict[str, str]],
         model: str | None = None,
         max_tokens: int = 256,
@@ -82,43 +99,52 @@ def build(url: str, api_key: str | None) -> MCPServer:
         model: a name from list_models (default: the server's first). temperature: 0 is greedy.
         """
         body: dict[str, Any] = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature}
-        body["model"] = model or await _default_model(api)
-        reply = await api.post("/v1/chat/completions", body)
+        body["model"] = model or await _default_model(ctx, api)
+        reply = await api.post(ctx, "/v1/chat/completions", body)
         return str(reply["choices"][0]["message"]["content"] or "")
 
     @mcp.tool()
-    async def list_models() -> list[dict[str, Any]]:
+    async def list_models(ctx: Context) -> list[dict[str, Any]]:
         """The models this server knows (OpenAI /v1/models entries: id, status, ...)."""
-        return list((await api.get("/v1/models"))["data"])
+        return list((await api.get(ctx, "/v1/models"))["data"])
 
     @mcp.tool()
-    async def load_model(model: str) -> Any:
+    async def load_model(ctx: Context, model: str) -> Any:
         """Load `model` (a name, alias or local path) into the workers so requests can use it."""
-        return await api.post(f"/admin/api/models/{model}/load")
+        return await api.post(ctx, f"/admin/api/models/{model}/load")
 
     @mcp.tool()
-    async def unload_model(model: str) -> Any:
+    async def unload_model(ctx: Context, model: str) -> Any:
         """Unload `model` from the workers, freeing its memory."""
-        return await api.post(f"/admin/api/models/{model}/unload")
+        return await api.post(ctx, f"/admin/api/models/{model}/unload")
 
     @mcp.tool()
-    async def check_memory() -> Any:
+    async def check_memory(ctx: Context) -> Any:
         """This machine's memory as the server sees it (total, available, pressure; bytes)."""
-        return (await api.get("/admin/api/status"))["memory"]
+        return (await api.get(ctx, "/admin/api/status"))["memory"]
 
     @mcp.tool()
-    async def get_status() -> Any:
+    async def get_status(ctx: Context) -> Any:
         """The server's status: version, uptime, workers ready/failed, requests in flight, memory."""
-        return await api.get("/admin/api/status")
+        return await api.get(ctx, "/admin/api/status")
 
     return mcp
 
 
-async def _default_model(api: Api) -> str:
-    data = (await api.get("/v1/models"))["data"]
+async def _default_model(ctx: Context, api: Api) -> str:
+    data = (await api.get(ctx, "/v1/models"))["data"]
     if not data:
         raise ToolError("the server has no model; load one with load_model")
     return str(data[0]["id"])
+
+
+def http_app(sidecar_url: str) -> tuple[Starlette, MCPServer]:
+    """Streamable HTTP at `/mcp` for a worker behind the sidecar at `sidecar_url`; run the server's
+    `session_manager` in the host app's lifespan. Stateless, so no session sticks to a worker. Host,
+    Origin and key are the sidecar's to check (it is the only way in), so the SDK's own checks are off."""
+    mcp = build(sidecar_url, None)
+    security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    return mcp.streamable_http_app(stateless_http=True, transport_security=security), mcp
 
 
 def main(argv: list[str]) -> int:

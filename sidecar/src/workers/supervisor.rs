@@ -232,6 +232,7 @@ fn worker_command(settings: &Settings, id: &str, socket: &Path) -> Command {
         // Workers on one machine share its memory; each learns its name and how many share it.
         .args(["--worker-id", id])
         .args(["--local-workers", &settings.workers.to_string()])
+        .args(settings.url.iter().flat_map(|url| ["--sidecar-url", url]))
         .args(&flags.worker_args)
         // The worker is reachable only through its private socket: no key, host or port of ours.
         .env_remove("MLX_FLASH_API_KEY")
