@@ -377,3 +377,40 @@ def test_bad_tools_are_400s_in_each_shape(
         assert err["type"] == "error" and err["error"]["type"] == "invalid_request_error"
     else:
         assert isinstance(err["error"], str) and "tools" in err["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": WEATHER}),
+        ("/v1/responses", {"input": WEATHER}),
+        ("/v1/messages", {"messages": WEATHER, "max_tokens": 32}),
+        ("/api/chat", {"messages": WEATHER, "stream": False}),
+    ],
+)
+def test_empty_tools_are_no_tools(demo_worker: Worker, path: str, body: dict[str, Any]) -> None:
+    def reply(**tools: Any) -> Any:
+        full = {"model": "demo", "temperature": 0, "options": {"temperature": 0}, **body, **tools}
+        r = httpx.post(f"{demo_worker.url}{path}", json=full, timeout=60)
+        assert r.status_code == 200, r.text
+        return _scrubbed(r.json())
+
+    without = reply()
+    assert reply(tools=[]) == without
+    # The same question with tools gets a call: the empty list really is no tools.
+    tools = {"/v1/responses": RESPONSES_TOOLS, "/v1/messages": ANTHROPIC_TOOLS}.get(path, TOOLS)
+    assert reply(tools=tools) != without
+
+
+VARYING = {"id", "created", "created_at", "usage"} | {
+    f"{d}_duration" for d in ("total", "load", "prompt_eval", "eval")
+}
+
+
+def _scrubbed(value: Any) -> Any:
+    """A reply without what differs between two runs of one request (ids, times, durations)."""
+    if isinstance(value, dict):
+        return {k: _scrubbed(v) for k, v in value.items() if k not in VARYING}
+    if isinstance(value, list):
+        return [_scrubbed(v) for v in value]
+    return value
