@@ -16,8 +16,10 @@ import pytest
 from openai.types.chat import ChatCompletionMessage
 
 from helpers import Worker
+from mlx_flash.api.tools import anthropic_tools, openai_tools
 from mlx_flash.demo.data import TOOLS
 from mlx_flash.engine.reply import ReplyParser
+from mlx_flash.engine.request import Tools
 from mlx_flash.models.loader import resolve
 
 WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -414,3 +416,20 @@ def _scrubbed(value: Any) -> Any:
     if isinstance(value, list):
         return [_scrubbed(v) for v in value]
     return value
+
+
+@pytest.mark.parametrize(
+    ("read", "body"),
+    [
+        (lambda b: openai_tools(b, flat=False), {"tools": TOOLS, "parallel_tool_calls": False}),
+        (lambda b: openai_tools(b, flat=True), {"tools": RESPONSES_TOOLS, "parallel_tool_calls": False}),
+        (
+            anthropic_tools,
+            {"tools": ANTHROPIC_TOOLS, "tool_choice": {"type": "auto", "disable_parallel_tool_use": True}},
+        ),
+    ],
+)
+def test_each_surfaces_no_parallel_flag_reaches_the_engine(read: Any, body: dict[str, Any]) -> None:
+    """The engine's one-call stop (tested above on chat) sees each surface's spelling of the flag."""
+    assert read(body).request_tools() == Tools(tuple(TOOLS), parallel=False)
+    assert read({**body, "parallel_tool_calls": True, "tool_choice": None}).request_tools().parallel
