@@ -45,11 +45,10 @@ def converse(client: httpx.Client, url: str, rng: random.Random) -> None:
     body: dict[str, Any] = {"model": "demo", "temperature": 0, "max_tokens": 64}
     # The trained conversation up to its last user turn; the model answers that turn.
     last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    prompt = messages[: last_user + 1]
-    if tools:
-        r = client.post(f"{url}/v1/completions", json={**body, "prompt": data.render(prompt, tools, True)})
-    else:
-        r = client.post(f"{url}/v1/chat/completions", json={**body, "messages": prompt})
+    body["messages"] = messages[: last_user + 1]
+    if tools:  # rendered by the chat template, the model's calls parsed, as a client sees them
+        body["tools"] = tools
+    r = client.post(f"{url}/v1/chat/completions", json=body)
     r.raise_for_status()
 
 

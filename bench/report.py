@@ -100,7 +100,8 @@ def demo_skills(result: dict[str, Any], source: str) -> str:
         rows.append(f"| {name} | {t['correct']}/{t['total']} ({t['correct'] / t['total']:.0%}) |")
     rows.append("")
     rows.append(
-        "Greedy, through the chat API (tool calls through raw completions until tool parsing lands). "
+        "Greedy, through the chat API; tool calls judged by the parsed `tool_calls` (name and arguments), "
+        "the reply after the tool's result (a `role: tool` message) by its text. "
         f"{_machine(result['machine'])}; {result.get('started', '')}. "
         f"Source: `{source}`, made by `{_command(result)}`."
     )

@@ -13,9 +13,11 @@ import openai
 import pytest
 
 from helpers import Sidecar, run_sidecar
+from mlx_flash.demo.data import TOOLS
 
 KEY = "sekret"
 ASK = [{"role": "user", "content": "What is 12+30?"}]
+WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,7 @@ def test_ollama_client_through_the_sidecar(sidecar: Sidecar) -> None:
 def normalized(body: bytes) -> bytes:
     """Values that differ between two requests: ids, times, durations, the prefix cache's share."""
     body = re.sub(rb'"(id|item_id|created_at)":"[^"]+"', rb'"\1":"X"', body)
-    body = re.sub(rb'"(\w+_duration|created_at)":\d+', rb'"\1":0', body)
+    body = re.sub(rb'"(\w+_duration|created_at|created)":\d+', rb'"\1":0', body)
     return re.sub(rb'"(input_tokens|cache_read_input_tokens|cached_tokens)":\d+', rb'"\1":0', body)
 
 
@@ -100,6 +102,7 @@ def normalized(body: bytes) -> bytes:
         ("/v1/responses", {"stream": True, "input": "What is 12+30?"}),
         ("/api/chat", {"messages": ASK}),
         ("/api/generate", {"prompt": "What is 12+30?"}),
+        ("/v1/chat/completions", {"stream": True, "messages": WEATHER, "tools": TOOLS}),
     ],
 )
 def test_stream_bytes_pass_through_unchanged(sidecar: Sidecar, path: str, body: dict[str, object]) -> None:
@@ -111,6 +114,9 @@ def test_stream_bytes_pass_through_unchanged(sidecar: Sidecar, path: str, body: 
     assert through.headers["content-type"] == straight.headers["content-type"]
     assert normalized(through.content) == normalized(straight.content)
     assert through.content.count(b"\n") >= 3
+    if "tools" in body:  # a streamed call: its fragments, then finish_reason tool_calls
+        assert b'"tool_calls":[{"index":0,"id":' in through.content, through.content
+        assert b'"finish_reason":"tool_calls"' in through.content
 
 
 def test_ollama_root_through_the_sidecar(sidecar: Sidecar) -> None:

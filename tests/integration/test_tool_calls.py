@@ -13,10 +13,13 @@ import jsonschema
 import ollama
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessage
 
 from helpers import Worker
+from mlx_flash.api.tools import anthropic_tools, openai_tools
 from mlx_flash.demo.data import TOOLS
 from mlx_flash.engine.reply import ReplyParser
+from mlx_flash.engine.request import Tools
 from mlx_flash.models.loader import resolve
 
 WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -147,6 +150,59 @@ def test_parallel_calls_from_mlx_lms_parser() -> None:
     calls = [(e.index, e.name, json.loads(e.arguments)) for e in events if hasattr(e, "arguments")]
     assert texts == "Sure."
     assert calls == [(0, "add", {"a": 1, "b": 2}), (1, "get_weather", {"city": "Oslo"})]
+
+    one = ReplyParser.for_request(tokenizer, TOOLS, parallel=False)
+    assert one is not None
+    events = [e for i in range(0, len(text), 3) for e in one.push(text[i : i + 3])] + one.finish()
+    assert one.done and [e.name for e in events if hasattr(e, "arguments")] == ["add"]
+
+
+# The demo model learned single calls only (after one, <|im_end|> has p > 0.999 on every prompt
+# tried), so a logit bias keeps it going: it bans the end of the turn and favours opening a call.
+KEEP_CALLING = {"2": -100, "826": 10}  # <|im_end|>, <tool_call> in the demo tokenizer
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_no_parallel_calls_stops_after_the_first(client: openai.OpenAI, stream: bool) -> None:
+    def reply(parallel: bool) -> tuple[Any, Any]:
+        kwargs: dict[str, Any] = {
+            "model": "demo",
+            "messages": ADD,
+            "tools": TOOLS,
+            "parallel_tool_calls": parallel,
+            "logit_bias": KEEP_CALLING,
+            "max_tokens": 60,
+            "temperature": 0,
+        }
+        if not stream:
+            choice = client.chat.completions.create(**kwargs).choices[0]
+            return choice.finish_reason, choice.message
+        # By hand: the SDK's stream helper raises on a length finish.
+        content, names, args, finish = "", [], [], None
+        for chunk in client.chat.completions.create(**kwargs, stream=True):
+            delta = chunk.choices[0].delta
+            content += delta.content or ""
+            for fragment in delta.tool_calls or []:
+                if fragment.id:
+                    names.append(fragment.function.name)
+                    args.append("")
+                args[fragment.index] += fragment.function.arguments or ""
+            finish = chunk.choices[0].finish_reason or finish
+        calls = [
+            {"function": {"name": n, "arguments": a}, "id": "", "type": "function"}
+            for n, a in zip(names, args, strict=True)
+        ]
+        message = ChatCompletionMessage(role="assistant", content=content or None, tool_calls=calls or None)
+        return finish, message
+
+    finish, message = reply(parallel=True)
+    # It makes its call, then opens more (they do not parse: the raw markup comes back as text).
+    assert finish == "length" and "<tool_call>" in (message.content or ""), message
+    assert [c.function.name for c in message.tool_calls or []][:1] == ["add"]
+    finish, message = reply(parallel=False)
+    assert finish == "tool_calls" and not message.content, message
+    (call,) = message.tool_calls or []
+    assert call.function.name == "add" and _valid("add", call.function.arguments) == {"a": 12, "b": 30}
 
 
 def test_anthropic_tool_use_round_trip(demo_worker: Worker) -> None:
@@ -323,3 +379,57 @@ def test_bad_tools_are_400s_in_each_shape(
         assert err["type"] == "error" and err["error"]["type"] == "invalid_request_error"
     else:
         assert isinstance(err["error"], str) and "tools" in err["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": WEATHER}),
+        ("/v1/responses", {"input": WEATHER}),
+        ("/v1/messages", {"messages": WEATHER, "max_tokens": 32}),
+        ("/api/chat", {"messages": WEATHER, "stream": False}),
+    ],
+)
+def test_empty_tools_are_no_tools(demo_worker: Worker, path: str, body: dict[str, Any]) -> None:
+    def reply(**tools: Any) -> Any:
+        full = {"model": "demo", "temperature": 0, "options": {"temperature": 0}, **body, **tools}
+        r = httpx.post(f"{demo_worker.url}{path}", json=full, timeout=60)
+        assert r.status_code == 200, r.text
+        return _scrubbed(r.json())
+
+    without = reply()
+    assert reply(tools=[]) == without
+    # The same question with tools gets a call: the empty list really is no tools.
+    tools = {"/v1/responses": RESPONSES_TOOLS, "/v1/messages": ANTHROPIC_TOOLS}.get(path, TOOLS)
+    assert reply(tools=tools) != without
+
+
+VARYING = {"id", "created", "created_at", "usage"} | {
+    f"{d}_duration" for d in ("total", "load", "prompt_eval", "eval")
+}
+
+
+def _scrubbed(value: Any) -> Any:
+    """A reply without what differs between two runs of one request (ids, times, durations)."""
+    if isinstance(value, dict):
+        return {k: _scrubbed(v) for k, v in value.items() if k not in VARYING}
+    if isinstance(value, list):
+        return [_scrubbed(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("read", "body"),
+    [
+        (lambda b: openai_tools(b, flat=False), {"tools": TOOLS, "parallel_tool_calls": False}),
+        (lambda b: openai_tools(b, flat=True), {"tools": RESPONSES_TOOLS, "parallel_tool_calls": False}),
+        (
+            anthropic_tools,
+            {"tools": ANTHROPIC_TOOLS, "tool_choice": {"type": "auto", "disable_parallel_tool_use": True}},
+        ),
+    ],
+)
+def test_each_surfaces_no_parallel_flag_reaches_the_engine(read: Any, body: dict[str, Any]) -> None:
+    """The engine's one-call stop (tested above on chat) sees each surface's spelling of the flag."""
+    assert read(body).request_tools() == Tools(tuple(TOOLS), parallel=False)
+    assert read({**body, "parallel_tool_calls": True, "tool_choice": None}).request_tools().parallel

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from mlx_flash.api.errors import InvalidRequest
 from mlx_flash.engine.constrain import Masker
 from mlx_flash.engine.engine import Engine
+from mlx_flash.engine.request import Tools
 
 NAME = re.compile(r"^[a-zA-Z0-9_.:-]{1,128}$")
 Choice = Literal["auto", "none", "required", "named"]
@@ -39,8 +40,9 @@ class ToolSpec:
     def template_kwargs(self) -> dict[str, Any]:
         return {"tools": list(self.tools)} if self.active else {}
 
-    def request_tools(self) -> tuple[dict[str, Any], ...]:
-        return self.tools if self.active else ()
+    def request_tools(self) -> Tools:
+        """What the engine needs: the tools whose calls it parses, and whether it stops after one call."""
+        return Tools(self.tools, self.parallel) if self.active else Tools()
 
 
 NO_TOOLS = ToolSpec()

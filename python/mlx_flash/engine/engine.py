@@ -372,7 +372,9 @@ class _Stream:
         self._matcher: StopMatcher[TokenLogprob | None] = StopMatcher(handle.request.stop)
         req = handle.request
         tokenizer = engine.loaded.tokenizer
-        self._reply = ReplyParser.for_request(tokenizer, req.tools, req.prompt_tokens, req.split_reasoning)
+        self._reply = ReplyParser.for_request(
+            tokenizer, req.tools.functions, req.prompt_tokens, req.split_reasoning, req.tools.parallel
+        )
         self._completion = 0
         self._last = 0.0
         # Label lookups cost a lock and a dict each; resolve them once, not once per token.
@@ -408,7 +410,7 @@ class _Stream:
             item = token_logprob(r.logprobs, r.token, text, req.top_logprobs, self._engine.token_bytes)
         pieces, stopped = self._matcher.push(text, item)
         self._emit(pieces)
-        if stopped:
+        if stopped or (self._reply is not None and self._reply.done):
             self._finish("stop")
             return True
         if r.finish_reason is not None:

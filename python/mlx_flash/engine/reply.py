@@ -61,7 +61,8 @@ class ReplyParser:
     call, once its closing marker arrives.
 
     Markup that does not parse as a call is passed on as text, markers and all, so nothing the
-    model wrote silently disappears. Whitespace between calls is dropped.
+    model wrote silently disappears. Whitespace between calls is dropped. Without parallel calls, the
+    reply is `done` once its first call is complete: what the model writes after it is not a reply.
     """
 
     def __init__(
@@ -70,9 +71,11 @@ class ReplyParser:
         call: tuple[str, str | None, Parser] | None = None,
         think: tuple[str, str] | None = None,
         reasoning: bool = False,
+        parallel: bool = True,
     ) -> None:
         """`call`: the tool-call markers and parser (None: calls are not parsed); `think`: the
-        reasoning markers (None: no reasoning); `reasoning`: the prompt left a thought open."""
+        reasoning markers (None: no reasoning); `reasoning`: the prompt left a thought open;
+        `parallel`: more than one call may follow."""
         self._parser: Parser | None = call[2] if call else None
         self._start, self._end = (call[0], call[1] or "") if call else ("", "")
         self._tools = tools
@@ -90,7 +93,9 @@ class ReplyParser:
         self._call_text = ""
         self._gap = ""  # whitespace after a call: dropped if another call (or the end) follows
         self._items: list[TokenLogprob] = []
+        self._parallel = parallel
         self.calls = 0
+        self.done = False  # one call is complete and no more may follow: generation can stop
 
     @classmethod
     def for_request(
@@ -99,6 +104,7 @@ class ReplyParser:
         tools: Sequence[dict[str, Any]] = (),
         prompt: Sequence[int] = (),
         reasoning: bool = False,
+        parallel: bool = True,
     ) -> ReplyParser | None:
         """The parser a request needs: tool calls if it has tools, reasoning if asked and the model
         thinks (in reasoning from the start when the prompt opened a thought, as some templates do)."""
@@ -110,15 +116,19 @@ class ReplyParser:
         think = (tokenizer.think_start, tokenizer.think_end) if thinks else None
         tail = list(prompt[-64:])  # a template opens the thought at the very end of the prompt
         opened = think is not None and tokenizer.rfind_think_start(tail) > tokenizer.rfind_think_end(tail)  # type: ignore[no-untyped-call]
-        return cls(tools, call, think, opened)
+        return cls(tools, call, think, opened, parallel)
 
     def push(self, text: str, items: Sequence[TokenLogprob] = ()) -> list[Event]:
+        if self.done:
+            return []
         self._items.extend(items)
         self._state, segments = TextStateMachine.split(self._state, text)  # type: ignore[no-untyped-call]
         return self._segments(segments)
 
     def finish(self) -> list[Event]:
         """Generation ended: text held back as a possible marker is output, an open call is parsed."""
+        if self.done:
+            return []
         self._state, rest, _ = TextStateMachine.flush(self._state)  # type: ignore[no-untyped-call]
         out = self._segments([("tool" if self._in_call else "normal", rest)])
         if self._in_call:
@@ -129,6 +139,8 @@ class ReplyParser:
     def _segments(self, segments: list[tuple[str | None, str]]) -> list[Event]:
         out: list[Event] = []
         for state, text in segments:
+            if self.done:
+                break
             if state == "reasoning":
                 if text:
                     out.append(ReasoningDelta(text))
@@ -160,6 +172,8 @@ class ReplyParser:
             log.warning("the model's tool call does not parse; passed on as text", extra={"error": str(e)})
             raw = self._start + text + (self._end if closed else "")
             return [TextDelta(raw, tuple(items))]
+        if not self._parallel:  # one block may hold several calls (a list, in some formats)
+            calls, self.done = calls[:1], True
         out: list[Event] = []
         for call_id, name, arguments in calls:
             out.append(ToolCall(self.calls, call_id, name, arguments))

@@ -27,6 +27,14 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class Tools:
+    """Function tools (OpenAI-shaped) the model may call: its tool-call markup becomes ToolCall events."""
+
+    functions: tuple[dict[str, Any], ...] = ()
+    parallel: bool = True  # False: generation ends once the first call is complete
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     prompt_tokens: list[int]
     max_tokens: int
@@ -36,8 +44,7 @@ class GenerationRequest:
     top_logprobs: int = 0
     # Output must match this request's grammar (a JSON schema, a tool call): see engine/constrain.py.
     constraint: Masker | None = None
-    # Function tools (OpenAI-shaped) the model may call: its tool-call markup becomes ToolCall events.
-    tools: tuple[dict[str, Any], ...] = ()
+    tools: Tools = Tools()
     # A chat reply: a thinking model's reasoning comes as ReasoningDelta events, apart from the text.
     split_reasoning: bool = False
 

@@ -43,6 +43,8 @@ struct Body {
     metadata: Option<Metadata>,
     system: Option<Value>,
     instructions: Option<Value>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
     messages: Option<Vec<Value>>,
     input: Option<Value>,
     prompt: Option<Value>,
@@ -64,6 +66,13 @@ impl RouteInfo {
         };
         let model = parsed.model.clone().or_else(|| parsed.name.clone());
         let mut prefix = Prefix::default();
+        // Templates render the tools before the conversation, so requests with other tools share no
+        // KV prefix. A hash stands in for them: tool lists run to tens of KB, past the prefix cap.
+        if let Some(tools) = shown_tools(&parsed) {
+            let mut h = DefaultHasher::new();
+            hash_canonical(tools, &mut h);
+            prefix.push("tools", &Value::String(format!("{:016x}", h.finish())));
+        }
         for part in [&parsed.system, &parsed.instructions].into_iter().flatten() {
             prefix.push("system", part);
         }
@@ -136,6 +145,40 @@ fn key_text(v: Option<&Value>) -> Option<String> {
         Value::String(s) if !s.is_empty() => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
         _ => None,
+    }
+}
+
+/// The tools the model is shown: none for an empty list or a `none` tool choice (the worker then
+/// leaves them out of the prompt).
+fn shown_tools(body: &Body) -> Option<&Value> {
+    let tools = body
+        .tools
+        .as_ref()
+        .filter(|t| t.as_array().is_some_and(|a| !a.is_empty()))?;
+    let choice = body.tool_choice.as_ref();
+    let none = choice.and_then(|c| c.as_str().or_else(|| c.get("type")?.as_str())) == Some("none");
+    (!none).then_some(tools)
+}
+
+/// Hash a JSON value with object keys in sorted order, so key order does not change it.
+fn hash_canonical(value: &Value, h: &mut DefaultHasher) {
+    match value {
+        Value::Object(o) => {
+            let mut keys: Vec<&String> = o.keys().collect();
+            keys.sort();
+            h.write_u8(b'{');
+            for k in keys {
+                k.hash(h);
+                hash_canonical(&o[k], h);
+            }
+            h.write_u8(b'}');
+        }
+        Value::Array(items) => {
+            h.write_u8(b'[');
+            items.iter().for_each(|v| hash_canonical(v, h));
+            h.write_u8(b']');
+        }
+        other => other.to_string().hash(h),
     }
 }
 
@@ -259,6 +302,42 @@ mod tests {
         );
         let ollama = info(json!({"name": "llama", "prompt": "p"}));
         assert_eq!(ollama.model.as_deref(), Some("llama"));
+    }
+
+    #[test]
+    fn tools_lead_the_prefix_in_any_key_order() {
+        let msgs = json!([{"role": "user", "content": "q"}]);
+        let weather = json!([{"type": "function", "function": {"name": "w", "parameters": {}}}]);
+        let reordered = json!([{"function": {"parameters": {}, "name": "w"}, "type": "function"}]);
+        let add = json!([{"type": "function", "function": {"name": "add"}}]);
+        let with = |tools: &Value, extra: Value| {
+            let mut body = json!({"model": "m", "messages": msgs, "tools": tools});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            info(body)
+        };
+        let plain = info(json!({"model": "m", "messages": msgs}));
+        let a = with(&weather, json!({}));
+        assert!(a.prefix.starts_with("tools\n") && a.prefix.ends_with(&plain.prefix));
+        assert_eq!(a, with(&reordered, json!({})));
+        let b = with(&add, json!({}));
+        assert_ne!(a.prefix, b.prefix);
+        assert_ne!(a.session, b.session);
+        // Tools the model is not shown do not count.
+        assert_eq!(with(&json!([]), json!({})), plain);
+        assert_eq!(with(&weather, json!({"tool_choice": "none"})), plain);
+        assert_eq!(
+            with(&weather, json!({"tool_choice": {"type": "none"}})),
+            plain
+        );
+        let anthropic = info(
+            json!({"model": "m", "system": "s", "tools": [{"name": "w", "input_schema": {}}],
+            "messages": msgs}),
+        );
+        assert!(
+            anthropic.prefix.starts_with("tools\n") && anthropic.prefix.contains("\nsystem\ns\n")
+        );
     }
 
     #[test]
