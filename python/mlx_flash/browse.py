@@ -2,7 +2,8 @@
 
 Each model of models/catalogue.toml (the 4-bit conversions behind the built-in aliases) is sized with
 `fit` (mlx_flash/fit.py holds the math) against this machine's available memory, with a KV cache for
-`--context` tokens, and the disk's read bandwidth, measured here, bounds what expert streaming can do.
+`--context` tokens; the disk's read bandwidth and the memory's, measured here, bound what expert
+streaming can do (PERF.md's bound; the math in `mlx-flash fit --help`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import tomllib
 
 from mlx_flash import _native
-from mlx_flash.fit import Fit, disk_bandwidth, fit, model_dir, parse_count
+from mlx_flash.fit import Fit, disk_bandwidth, fit, memory_bandwidth, model_dir, parse_count
 
 CATALOGUE = Path(__file__).parent / "models" / "catalogue.toml"
 ALIASES = Path(__file__).parent / "models" / "aliases.toml"
@@ -30,7 +31,7 @@ def catalogue() -> dict[str, dict[str, float]]:
     return models
 
 
-def rows(available: float, bandwidth: float, context: int) -> list[dict[str, Any]]:
+def rows(available: float, disk: float, memory: float, context: int) -> list[dict[str, Any]]:
     with ALIASES.open("rb") as f:
         hub = tomllib.load(f)["aliases"]
     out = []
@@ -40,12 +41,14 @@ def rows(available: float, bandwidth: float, context: int) -> list[dict[str, Any
             m.get("active", m["params"]),
             BITS,
             available,
+            active_experts=m.get("active_experts"),
             group_size=GROUP_SIZE,
             layers=int(m["layers"]),
             kv_heads=int(m["kv_heads"]),
             head_dim=int(m["head_dim"]),
             context=context,
-            disk_bandwidth=bandwidth,
+            disk_bandwidth=disk,
+            memory_bandwidth=memory,
         )
         entry = {
             "name": name,
@@ -64,7 +67,7 @@ def _table(entries: list[dict[str, Any]], machine: dict[str, Any]) -> None:
     gb = 1e9
     style = {"fits": "green", "fits with expert streaming": "yellow", "does not fit": "red"}
     table = Table(title=f"Models at {BITS} bits on this machine", caption=machine["caption"])
-    for column in ("model", "params / active", "weights", "KV", "verdict", "disk-bound tok/s"):
+    for column in ("model", "params / active", "weights", "KV", "verdict", "tok/s at most"):
         table.add_column(column, justify="left" if column in ("model", "verdict") else "right")
     for e in entries:
         params = f"{e['params'] / 1e9:.1f}B"
@@ -97,6 +100,9 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--disk-bandwidth", type=parse_count, help="bytes/s (default: measured on the model cache's disk)"
     )
+    p.add_argument(
+        "--memory-bandwidth", type=parse_count, help="bytes/s (default: measured, MLX reading an array)"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     args = p.parse_args(argv)
     snapshot = _native.memory_snapshot()
@@ -106,21 +112,29 @@ def main(argv: list[str]) -> int:
         if args.disk_bandwidth
         else disk_bandwidth(model_dir()) | {"measured": True}
     )
-    entries = rows(available, disk["bytes_per_second"], args.context)
+    mem: dict[str, Any] = (
+        {"bytes_per_second": args.memory_bandwidth, "measured": False}
+        if args.memory_bandwidth
+        else memory_bandwidth() | {"measured": True}
+    )
+    entries = rows(available, disk["bytes_per_second"], mem["bytes_per_second"], args.context)
     machine = {
         "total_memory_bytes": snapshot["effective_total_bytes"],
         "available_bytes": available,
         "disk": disk,
+        "memory_bandwidth": mem,
         "context": args.context,
     }
     if args.json:
         print(json.dumps({"machine": machine, "models": entries}))  # noqa: T201 - user-facing
         return 0
-    how = "measured" if disk["measured"] else "given"
+    how = {True: "measured", False: "given"}
     machine["caption"] = (
         f"{available / 1e9:.1f} GB available of {snapshot['effective_total_bytes'] / 1e9:.1f} GB; disk reads "
-        f"{disk['bytes_per_second'] / 1e9:.2f} GB/s ({how}); KV for {args.context} tokens. Streaming band: "
-        "no expert cache hits ... hits on the share of experts that fits (mlx-flash fit --help)."
+        f"{disk['bytes_per_second'] / 1e9:.2f} GB/s ({how[disk['measured']]}), memory "
+        f"{mem['bytes_per_second'] / 1e9:.1f} GB/s ({how[mem['measured']]}); KV for {args.context} tokens. "
+        "Streaming band (PERF.md's bound, compute left out): no expert cache hits ... hits on the share of "
+        "experts that fits (mlx-flash fit --help)."
     )
     _table(entries, machine)
     return 0

@@ -3,19 +3,25 @@
 weights  = params * (bits + 32 / group_size) / 8        bytes; each group of `group_size` weights
                                                           carries an fp16 scale and bias (32 bits);
                                                           bits 16 means unquantized (no groups)
-active   = active_params * the same bits per weight     bytes read per token
+active   = active_params * the same bits per weight     bytes a token uses
+streamed = active_experts * the same bits per weight    expert bytes a token uses (B_expert)
+resident = active - streamed                            attention, embeddings, dense layers, router
 kv       = 2 * layers * kv_heads * head_dim * context * 2 bytes (fp16 keys and values)
 fits                    weights + kv <= available memory
 fits with streaming     active + kv <= available: experts stream from disk (a mixture of experts only)
 does not fit            otherwise
 
-Streaming speed, from PERF.md's bound (time per token = t_resident + (1 - h) * B / W) with the compute
-term left out, so a disk-bound ceiling: B = active bytes (what a token reads at most), W = the disk's
-read bandwidth, h = the expert cache's hit rate. The band runs from h = 0 (every expert read) to h = the
-share of expert bytes the memory left over can cache,
-    cached = (available - active - kv) / (weights - active),
+Streaming speed, from PERF.md's bound: time per token = t_resident + (1 - h) * B_expert / W, with
+t_resident = resident / M (each token reads the resident weights once from memory at bandwidth M),
+W = the disk's read bandwidth and h = the expert cache's hit rate. Both bandwidths are measured here
+unless given. The band runs from h = 0 (every expert read) to h = the share of expert bytes the memory
+left over holds,
+    cached = (available - resident - kv) / (weights - resident),
 the hit rate of a cache that size under uniform routing (real routers repeat experts, and do better):
-    tok/s in [W / B, W / ((1 - cached) * B)]
+    tok/s in [1 / (t_resident + B / W), 1 / (t_resident + (1 - cached) * B / W)]
+Compute is left out, so this is a ceiling. When the expert share of the active parameters is not known
+(--params/--active without --active-experts), every active byte counts as streamed and as resident:
+a conservative band (resident_bytes is then null).
 """
 
 from __future__ import annotations
@@ -60,6 +66,10 @@ class Fit:
     verdict: str  # "fits" | "fits with expert streaming" | "does not fit"
     cached_share: float | None  # streaming: the share of expert bytes memory can hold
     tokens_per_second: tuple[float, float] | None  # streaming with a known disk bandwidth: the band
+    streamed_bytes: float | None = None  # streaming: B_expert, the expert bytes a token reads
+    resident_bytes: float | None = None  # streaming: weights kept in memory (null: split unknown)
+    disk_bandwidth: float | None = None  # streaming: W, bytes/s
+    memory_bandwidth: float | None = None  # streaming with a known split: M, bytes/s
 
 
 def fit(
@@ -68,26 +78,46 @@ def fit(
     bits: float,
     available: float,
     *,
+    active_experts: float | None = None,
     group_size: int = 64,
     layers: int = 0,
     kv_heads: int = 0,
     head_dim: int = 0,
     context: int = 0,
     disk_bandwidth: float = 0.0,
+    memory_bandwidth: float = 0.0,
 ) -> Fit:
     bpw = bits_per_weight(bits, group_size)
     weights, active_bytes = params * bpw / 8, active * bpw / 8
     kv = 2.0 * layers * kv_heads * head_dim * context * 2
     if weights + kv <= available:
         return Fit(weights, active_bytes, kv, available, "fits", None, None)
-    if active < params and active_bytes + kv <= available:
-        cached = (available - active_bytes - kv) / (weights - active_bytes)
-        band = None
-        if disk_bandwidth and active_bytes:
-            low = disk_bandwidth / active_bytes
-            band = (low, low / (1 - cached))
-        return Fit(weights, active_bytes, kv, available, "fits with expert streaming", cached, band)
-    return Fit(weights, active_bytes, kv, available, "does not fit", None, None)
+    if not (active < params and active_bytes + kv <= available):
+        return Fit(weights, active_bytes, kv, available, "does not fit", None, None)
+    known = active_experts is not None
+    streamed = (active_experts if active_experts is not None else active) * bpw / 8
+    resident = active_bytes - streamed if known else active_bytes
+    cached = (available - resident - kv) / (weights - resident)
+    t_resident = resident / memory_bandwidth if known and memory_bandwidth else 0.0
+    band = None
+    if disk_bandwidth and streamed:
+        band = (
+            1 / (t_resident + streamed / disk_bandwidth),
+            1 / (t_resident + (1 - cached) * streamed / disk_bandwidth),
+        )
+    return Fit(
+        weights,
+        active_bytes,
+        kv,
+        available,
+        "fits with expert streaming",
+        cached,
+        band,
+        streamed,
+        resident if known else None,
+        disk_bandwidth or None,
+        memory_bandwidth if known and memory_bandwidth else None,
+    )
 
 
 def from_config(path: Path) -> dict[str, float]:
@@ -100,9 +130,11 @@ def from_config(path: Path) -> dict[str, float]:
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     heads = int(config.get("num_attention_heads", 1))
     params = size * 8 / bits_per_weight(bits, group)
+    experts, per_token = expert_params(config)
     return {
         "params": params,
-        "active": params - inactive_expert_params(config),
+        "active": params - (experts - per_token),
+        "active_experts": per_token,
         "bits": bits,
         "group_size": group,
         "layers": int(config.get("num_hidden_layers", 0)),
@@ -111,22 +143,23 @@ def from_config(path: Path) -> dict[str, float]:
     }
 
 
-def inactive_expert_params(config: dict[str, object]) -> float:
-    """Expert parameters a token does not use, for a config with SwitchGLU experts (gate, up and down
-    projections: 3 * hidden * expert_intermediate each): (experts - experts_per_token) * per expert in
-    every MoE layer. 0 for a dense model."""
+def expert_params(config: dict[str, object]) -> tuple[float, float]:
+    """(all routed-expert parameters, those one token uses) for a config with SwitchGLU experts (gate,
+    up and down projections: 3 * hidden * expert_intermediate each, in every MoE layer). (0, 0) for a
+    dense model."""
     c = cast(dict[str, Any], config.get("text_config", config))
     experts = int(c.get("num_experts") or c.get("num_local_experts") or c.get("n_routed_experts") or 0)
     per_token = int(c.get("num_experts_per_tok") or 0)
     if experts <= 1 or not per_token:
-        return 0.0
+        return 0.0, 0.0
     inter = int(c.get("moe_intermediate_size") or c.get("intermediate_size") or 0)
     layers = int(c.get("num_hidden_layers", 0))
     step = int(c.get("decoder_sparse_step") or 1)
     dense = set(c.get("mlp_only_layers") or [])
     first_dense = int(c.get("first_k_dense_replace") or 0)
     moe_layers = [i for i in range(layers) if i >= first_dense and i not in dense and (i + 1) % step == 0]
-    return float(len(moe_layers) * (experts - per_token) * 3 * int(c["hidden_size"]) * inter)
+    one = len(moe_layers) * 3 * int(c["hidden_size"]) * inter
+    return float(one * experts), float(one * per_token)
 
 
 def main(argv: list[str]) -> int:
@@ -135,6 +168,11 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--params", type=parse_count, help="total parameters, e.g. 30B")
     p.add_argument("--active", type=parse_count, help="active parameters per token (MoE), e.g. 3B")
+    p.add_argument(
+        "--active-experts",
+        type=parse_count,
+        help="of the active parameters, those in routed experts (the streamed part), e.g. 1.8B",
+    )
     p.add_argument("--bits", type=float, default=4, help="bits per weight (16 = unquantized)")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--model", type=Path, help="a local model directory (config.json + safetensors)")
@@ -145,6 +183,11 @@ def main(argv: list[str]) -> int:
         type=parse_count,
         help="bytes/s, e.g. 3B for 3 GB/s (default: measured when streaming)",
     )
+    p.add_argument(
+        "--memory-bandwidth",
+        type=parse_count,
+        help="bytes/s the resident weights are read at, e.g. 100B (default: measured when streaming)",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     shape: dict[str, float] = {"layers": 0, "kv_heads": 0, "head_dim": 0}
@@ -152,12 +195,18 @@ def main(argv: list[str]) -> int:
         shape = from_config(args.model)
         args.params, args.bits, args.group_size = shape["params"], shape["bits"], int(shape["group_size"])
         args.active = args.active or shape["active"]
+        if args.active_experts is None:
+            args.active_experts = shape["active_experts"]
     if args.params is None:
         p.error("give --params (and --active for a mixture of experts) or --model PATH")
     available = args.memory or float(_native.memory_snapshot()["effective_available_bytes"])
-    result = _fit_args(args, shape, available, args.disk_bandwidth or 0.0)
-    if result.verdict == "fits with expert streaming" and args.disk_bandwidth is None:
-        result = _fit_args(args, shape, available, disk_bandwidth(model_dir())["bytes_per_second"])
+    result = _fit_args(args, shape, available)
+    if result.verdict == "fits with expert streaming":
+        if args.disk_bandwidth is None:
+            args.disk_bandwidth = disk_bandwidth(model_dir())["bytes_per_second"]
+        if args.memory_bandwidth is None and args.active_experts is not None:
+            args.memory_bandwidth = memory_bandwidth()["bytes_per_second"]
+        result = _fit_args(args, shape, available)
     if args.json:
         print(json.dumps(asdict(result)))  # noqa: T201 - user-facing
     else:
@@ -165,18 +214,20 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _fit_args(args: argparse.Namespace, shape: dict[str, float], available: float, bandwidth: float) -> Fit:
+def _fit_args(args: argparse.Namespace, shape: dict[str, float], available: float) -> Fit:
     return fit(
         args.params,
         args.active or args.params,
         args.bits,
         available,
+        active_experts=args.active_experts,
         group_size=args.group_size,
         layers=int(shape["layers"]),
         kv_heads=int(shape["kv_heads"]),
         head_dim=int(shape["head_dim"]),
         context=args.context,
-        disk_bandwidth=bandwidth,
+        disk_bandwidth=args.disk_bandwidth or 0.0,
+        memory_bandwidth=args.memory_bandwidth or 0.0,
     )
 
 
@@ -188,9 +239,17 @@ def describe(r: Fit) -> str:
     )
     if r.cached_share is not None:
         line += f"; {r.cached_share:.0%} of the experts fit in memory"
-    if r.tokens_per_second:
+    if r.tokens_per_second and r.streamed_bytes and r.disk_bandwidth:
         low, high = r.tokens_per_second
-        line += f", disk-bound {low:.1f}-{high:.1f} tok/s"
+        line += (
+            f", {low:.1f}-{high:.1f} tok/s at most (a token streams {r.streamed_bytes / gb:.2f} GB of"
+            f" experts at {r.disk_bandwidth / gb:.2f} GB/s"
+        )
+        if r.resident_bytes is not None and r.memory_bandwidth:
+            line += (
+                f" and reads {r.resident_bytes / gb:.2f} GB resident at {r.memory_bandwidth / gb:.1f} GB/s"
+            )
+        line += ")"
     return line
 
 
@@ -235,3 +294,19 @@ def disk_bandwidth(
         "directory": str(directory),
         "page_cache": "dropped (posix_fadvise)" if hasattr(os, "posix_fadvise") else "bypassed (F_NOCACHE)",
     }
+
+
+def memory_bandwidth(size: int = 256 << 20, repeats: int = 5) -> dict[str, Any]:
+    """Bytes/s at which MLX reads a `size`-byte array on its default device (a sum over it, best of
+    `repeats`): how fast a token can read the resident weights."""
+    import mlx.core as mx
+
+    a = mx.ones((size // 4,), dtype=mx.float32)
+    mx.eval(a)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(mx.sum(a))
+        best = min(best, time.perf_counter() - start)
+    del a
+    return {"bytes_per_second": size / best, "bytes": size, "device": str(mx.default_device())}
