@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return worker.main(argv[1:], prog="mlx-flash worker")
     if command == "mcp":
-        from mlx_flash.mcp import server
+        from mlx_flash.mcp import stdio
 
-        return server.main(argv[1:])
+        return stdio.main(argv[1:])
     if command == "chat":
         from mlx_flash import chat
 

@@ -14,9 +14,11 @@ import httpx
 import httpx2
 import pytest
 from mcp.client.client import Client
+from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 
-from helpers import Sidecar, run_sidecar
+from helpers import Sidecar, mlx_flash_command, run_sidecar
 
 KEY = "mcp-test-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -165,3 +167,24 @@ def test_the_tools_carry_the_callers_key(server: Sidecar) -> None:
         return text
 
     assert json.loads(asyncio.run(status()))["workers"]["total"] == 2
+
+
+def test_stdio_bridge_carries_its_key_and_names_a_refusal(server: Sidecar) -> None:
+    """`mlx-flash mcp --api-key K` against a keyed server: the key reaches the tools; a wrong key is the
+    sidecar's 401 as the answer to the client's own request."""
+
+    async def status(key: str) -> str:
+        cmd = mlx_flash_command()
+        args = [*cmd[1:], "mcp", "--url", server.url, "--api-key", key]
+        params = StdioServerParameters(command=cmd[0], args=args)
+        async with Client(params) as client:
+            return _text(await client.call_tool("get_status", {}))
+
+    assert json.loads(asyncio.run(status(KEY)))["workers"]["total"] == 2
+    with pytest.raises(Exception) as refused:
+        asyncio.run(status("wrong"))
+    error = refused.value  # the client raises it inside its task groups
+    while len(getattr(error, "exceptions", ())) == 1:  # an exception group of one
+        error = error.exceptions[0]  # type: ignore[attr-defined]
+    assert isinstance(error, MCPError), refused.value
+    assert error.error.code == -32000 and error.error.data["status"] == 401

@@ -1,19 +1,14 @@
 """The MCP server whose tools call a running mlx-flash server over its HTTP API.
 
-Two transports, one server: `mlx-flash mcp` speaks stdio (stdout carries only protocol messages;
-logs go to stderr; the process ends on stdin EOF), and every worker the sidecar starts serves
-Streamable HTTP at `/mcp` (stateless: any worker answers any request), whose tools call back the
-sidecar with the caller's own credentials. Tools never load a model themselves. The official `mcp`
-SDK answers both connection styles: the `initialize` handshake and the stateless 2026-07-28
-`server/discover`; unknown methods get -32601.
+Every worker the sidecar starts serves it as Streamable HTTP at `/mcp` (stateless: any worker answers
+any request); its tools call back the sidecar with the caller's own credentials and never load a model
+themselves. `mlx-flash mcp` (stdio) bridges to this same endpoint. The official `mcp` SDK answers both
+connection styles: the `initialize` handshake and the stateless 2026-07-28 `server/discover`; unknown
+methods get -32601.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
-import sys
 from typing import Any
 
 import httpx
@@ -23,19 +18,14 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
 
-DEFAULT_URL = "http://127.0.0.1:8080"
-
-
 CREDENTIALS = ("authorization", "x-api-key")
 
 
 class Api:
-    """The running server's HTTP API, with the key when one is set. Over HTTP each call carries
-    the credentials of the MCP request it serves instead: the caller's own key."""
+    """The sidecar's HTTP API; each call carries the credentials of the MCP request it serves."""
 
-    def __init__(self, url: str, api_key: str | None) -> None:
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=600)
+    def __init__(self, url: str) -> None:
+        self.client = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=600)
 
     async def get(self, ctx: Context, path: str) -> Any:
         response = await self.client.get(path, headers=_credentials(ctx))
@@ -47,7 +37,7 @@ class Api:
 
 
 def _credentials(ctx: Context) -> dict[str, str]:
-    """The key headers of the HTTP request behind `ctx` (none on stdio)."""
+    """The key headers of the HTTP request behind `ctx`."""
     headers = ctx.headers or {}
     return {name: headers[name] for name in CREDENTIALS if name in headers}
 
@@ -63,9 +53,9 @@ def _json(response: httpx.Response) -> Any:
     return body
 
 
-def build(url: str, api_key: str | None) -> MCPServer:
+def build(url: str) -> MCPServer:
     """The MCP server with its seven tools, bound to the server at `url`."""
-    api = Api(url, api_key)
+    api = Api(url)
     mcp: MCPServer = MCPServer(
         "mlx-flash",
         instructions="Generate text with local MLX models and manage the mlx-flash server at " + url,
@@ -142,24 +132,6 @@ def http_app(sidecar_url: str) -> tuple[Starlette, MCPServer]:
     """Streamable HTTP at `/mcp` for a worker behind the sidecar at `sidecar_url`; run the server's
     `session_manager` in the host app's lifespan. Stateless, so no session sticks to a worker. Host,
     Origin and key are the sidecar's to check (it is the only way in), so the SDK's own checks are off."""
-    mcp = build(sidecar_url, None)
+    mcp = build(sidecar_url)
     security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
     return mcp.streamable_http_app(stateless_http=True, transport_security=security), mcp
-
-
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mlx-flash mcp", description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--url",
-        default=os.environ.get("MLX_FLASH_URL", DEFAULT_URL),
-        help=f"the running mlx-flash server (default {DEFAULT_URL})",
-    )
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("MLX_FLASH_API_KEY"),
-        help="the server's API key, if it has one (or MLX_FLASH_API_KEY)",
-    )
-    args = p.parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)  # never stdout: it is the protocol
-    build(args.url, args.api_key).run("stdio")
-    return 0
