@@ -351,7 +351,9 @@ async def hol_trial(
             )
             await long_task
     idle, during, after = [], [], []
+    positions: list[list[int]] = []  # per stream, the gaps that overlapped the prefill
     for t in timed:
+        positions.append([])
         for i, (a, b) in enumerate(t.gaps()):
             if i + 1 < HOL_WARM_TOKENS:
                 continue
@@ -359,13 +361,17 @@ async def hol_trial(
                 idle.append(b - a)
             elif a < first:
                 during.append(b - a)
+                positions[-1].append(i)
             else:
                 after.append(b - a)
-    idle_ms, during_ms = percentiles_ms(idle), percentiles_ms(during)
+    control = await hol_control(client, ep, tag, args, eos, positions)
+    idle_ms, during_ms, control_ms = percentiles_ms(idle), percentiles_ms(during), percentiles_ms(control)
     ratio = float(during_ms["p99"]) / float(idle_ms["p99"])
+    same = float(during_ms["p99"]) / float(control_ms["p99"])
     print(
         f"   {ep.name}: idle p99 {idle_ms['p99']:.1f} ms, during prefill p99 {during_ms['p99']:.1f} ms"
-        f" ({during_ms['count']} gaps) -> {ratio:.1f}x; long prompt {long.prompt_tokens} tokens,"
+        f" ({during_ms['count']} gaps) -> {ratio:.1f}x; the same positions without the long prompt"
+        f" {control_ms['p99']:.1f} ms -> {same:.2f}x; long prompt {long.prompt_tokens} tokens,"
         f" TTFT {long.chunks[0] - sent:.1f} s",
         flush=True,
     )
@@ -377,12 +383,41 @@ async def hol_trial(
         "idle_ms": idle_ms,
         "during_prefill_ms": during_ms,
         "after_ms": percentiles_ms(after),
+        "control_same_positions_ms": control_ms,
         "p99_ratio": round(ratio, 3),
+        "p99_ratio_same_positions": round(same, 3),
         "streams": [
             {"sent_s": round(sent - t.start, 5), "first_long_s": round(first - t.start, 5), **t.sample()}
             for t in timed
         ],
     }
+
+
+async def hol_control(
+    client: httpx.AsyncClient,
+    ep: Endpoint,
+    tag: str,
+    args: argparse.Namespace,
+    eos: list[int],
+    positions: list[list[int]],
+) -> list[float]:
+    """The trial's streams again with no long prompt: the same prompts, so greedy decoding gives the
+    same tokens, and their gaps at the positions that overlapped the prefill are the same streams at
+    the same context lengths, undisturbed (the trial's streams grow their context while it is read)."""
+    prompts = stream_prompts(tag, HOL_STREAMS, args.seed)
+    timed = [Timed() for _ in prompts]
+    body = [ep.body(p, args.hol_stream_tokens, eos) for p in prompts]
+    tasks = [asyncio.create_task(stream(client, ep.url, b, into=t)) for b, t in zip(body, timed, strict=True)]
+    need = [max(ix, default=0) + 2 for ix in positions]
+    async with running(tasks):
+        await _until(
+            "control streams",
+            args.hol_timeout,
+            lambda: all(len(t.chunks) >= n for t, n in zip(timed, need, strict=True)),
+            tasks,
+        )
+    gaps = [[b - a for a, b in t.gaps()] for t in timed]
+    return [g[i] for g, ix in zip(gaps, positions, strict=True) for i in ix]
 
 
 async def head_of_line(
@@ -411,6 +446,12 @@ async def head_of_line(
             ),
             "median_p99_ratio": round(statistics.median(r["p99_ratio"] for r in runs), 3),
             "median_long_ttft_s": round(statistics.median(r["long_ttft_s"] for r in runs), 3),
+            "median_control_p99_ms": round(
+                statistics.median(float(r["control_same_positions_ms"]["p99"]) for r in runs), 3
+            ),
+            "median_p99_ratio_same_positions": round(
+                statistics.median(r["p99_ratio_same_positions"] for r in runs), 3
+            ),
         }
     return out
 
@@ -503,6 +544,10 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             "ours": hol["ours"]["median_p99_ratio"],
             "mlx_lm": hol["mlx_lm"]["median_p99_ratio"],
         },
+        "hol_p99_ratio_same_positions": {
+            "ours": hol["ours"]["median_p99_ratio_same_positions"],
+            "mlx_lm": hol["mlx_lm"]["median_p99_ratio_same_positions"],
+        },
         "targets": {
             "ratio_every_level": {
                 "target": f">= {TARGETS['ratio_every_level']} at every level",
@@ -589,7 +634,8 @@ def main(argv: list[str] | None = None) -> int:
             "pairs": "per level, rounds alternate which server goes first (A B, B A, ...)",
             "head_of_line": f"{HOL_STREAMS} streams; idle gaps from token {HOL_WARM_TOKENS} until the "
             "long prompt is sent; 'during' = gaps overlapping [sent, long prompt's first token]; "
-            "p99 nearest rank",
+            "'same positions' = the same 4 streams rerun without the long prompt, their gaps at the "
+            "positions that overlapped it (same tokens, same context lengths); p99 nearest rank",
             "client": "one asyncio httpx client in this process, on the same cores as the servers",
         },
     }
