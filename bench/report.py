@@ -235,7 +235,7 @@ def concurrency(result: dict[str, Any], source: str) -> str:
         rows.append(
             f"| {name} | {_time(h['median_idle_p99_ms'] / 1e3)} | {_time(h['median_during_p99_ms'] / 1e3)} "
             f"| {h['median_p99_ratio']:.1f}× | {_time(h['median_control_p99_ms'] / 1e3)} "
-            f"| {h['median_p99_ratio_same_positions']:.2f}× | {stall:.1f} s "
+            f"| {_ratio(h['median_p99_ratio_same_positions'])} | {stall:.1f} s "
             f"| {h['median_long_ttft_s']:.1f} s |"
         )
     trials = len(hol["trials"]["ours"])
@@ -249,7 +249,9 @@ def concurrency(result: dict[str, Any], source: str) -> str:
         f"inter-token p99 during the long prefill ≤ 2× idle — {t['head_of_line']['value']:.1f}×: "
         f"{_met(t['head_of_line'])} (while it is read, each of ours' streams keeps going and generates about "
         f"{grew['ours']:,.0f} tokens, so its own decode steps slow as its context grows; mlx_lm.server's "
-        f"streams wait: {grew['mlx_lm.server']:,.0f}); greedy output identical to solo "
+        f"streams wait: {grew['mlx_lm.server']:,.0f}; against the same streams at the same positions without "
+        f"the long prompt, ours' p99 is {_ratio(hol['ours']['median_p99_ratio_same_positions'])}: that "
+        "much is the prefill's own cost); greedy output identical to solo "
         "`mlx_lm.stream_generate`: "
         f"{_met(t['parity'])} (mlx_lm.server streams that departed from it: {s['mlx_lm_streams_off_solo']}).",
         "",
@@ -272,6 +274,10 @@ def concurrency(result: dict[str, Any], source: str) -> str:
         f"Source: `{source}`, made by `{_command(result)}`.",
     ]
     return "\n".join(rows)
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.2f}×" if x < 10 else f"{x:,.0f}×"
 
 
 def multi_turn(result: dict[str, Any], source: str) -> str:
