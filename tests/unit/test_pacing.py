@@ -3,34 +3,44 @@ tokens a + b*n more, and mlx-lm's asynchronous decode shapes what each step's wa
 
 from __future__ import annotations
 
-from mlx_flash.engine.pacing import PrefillPacer
+from mlx_flash.engine.pacing import RETIME_S, PrefillPacer
 
 D, A, B = 0.080, 0.010, 0.002  # decode step; fixed and per-token cost of a prefill chunk
 
 
 class Machine:
     """Wall time of each `BatchGenerator.next()`: a step with prefill waits for its own decode step;
-    a decode step alone returns before its work is done, and the next step waits for it."""
+    a decode step alone returns before its work is done, and the next step waits for it. `now` is
+    the machine's clock, for the pacer."""
 
     def __init__(self) -> None:
         self.pending = 0.0
+        self.decode = D
+        self.now = 0.0
 
     def step(self, decoding: int, chunk_tokens: int) -> float:
-        decode = D if decoding else 0.0
+        decode = self.decode if decoding else 0.0
         if chunk_tokens:
             wall, self.pending = self.pending + decode + A + B * chunk_tokens, 0.0
         else:
             wall, self.pending = self.pending, decode
+        self.now += wall
         return wall
 
 
-def run(pacer: PrefillPacer, steps: int, decoding: int = 4, prefilling: int = 1) -> list[int]:
-    machine, chunks = Machine(), []
+def run(
+    pacer: PrefillPacer, steps: int, decoding: int = 4, prefilling: int = 1, machine: Machine | None = None
+) -> list[int]:
+    machine, chunks = machine or Machine(), []
     for _ in range(steps):
         n = pacer.chunk(decoding, prefilling)
         pacer.observe(decoding, n * prefilling, machine.step(decoding, n * prefilling))
         chunks.append(n)
     return chunks
+
+
+def pacer(budget: float, machine: Machine, max_chunk: int = 512) -> PrefillPacer:
+    return PrefillPacer(max_chunk, budget, clock=lambda: machine.now)
 
 
 def test_full_chunks_when_nothing_decodes_or_the_budget_is_off() -> None:
@@ -40,11 +50,26 @@ def test_full_chunks_when_nothing_decodes_or_the_budget_is_off() -> None:
 
 
 def test_times_a_decode_step_alone_first_then_converges_to_the_budget() -> None:
-    chunks = run(PrefillPacer(512, 1.0), 40)
+    machine = Machine()
+    chunks = run(pacer(1.0, machine), 30, machine=machine)
     assert chunks[:2] == [0, 0]  # the second of two decode steps alone is the one that shows D
     want = int((1.0 * D - A) / B)  # a + b*n = budget * D
     assert abs(chunks[-1] - want) <= 1, chunks
-    assert 0 not in chunks[2:]  # never pauses prefill again
+    assert machine.now < RETIME_S and 0 not in chunks[2:]  # no pause again before a re-time is due
+
+
+def test_a_decode_step_that_slows_is_re_timed_and_the_chunk_follows() -> None:
+    """The streams' contexts grow while a long prompt is read: the budget follows their decode step."""
+    machine = Machine()
+    p = pacer(1.0, machine)
+    run(p, 40, machine=machine)
+    machine.decode = 2 * D
+    start = machine.now
+    chunks = run(p, int(8 * RETIME_S / (2 * 2 * D)), machine=machine)  # ~8 re-time intervals at the new pace
+    assert abs(chunks[-1] - int((2 * D - A) / B)) <= 4, chunks[-10:]  # within 5%
+    intervals = (machine.now - start) / RETIME_S
+    # Two steps without prefill per re-time, one re-time per interval.
+    assert 2 * (intervals - 2) <= chunks.count(0) <= 2 * (intervals + 1), (chunks.count(0), intervals)
 
 
 def test_the_budget_scales_the_chunk_and_prompts_share_it() -> None:
