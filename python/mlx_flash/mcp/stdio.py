@@ -209,7 +209,7 @@ class Bridge:
 
     def _write(self, message: Any) -> None:
         line = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-        with self._lock:
+        with self._lock, contextlib.suppress(BrokenPipeError, ValueError):  # the client closed stdout
             self._out.write(line)
             self._out.flush()
 
