@@ -237,6 +237,19 @@ class Sidecar(Server):
         raise TimeoutError(f"{count} workers not ready after {timeout}s:\n{self.log()}")
 
 
+# An MCP `initialize` request in the handshake style, as a client's first message.
+MCP_INITIALIZE: dict[str, Any] = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"},
+    },
+}
+
+
 def mlx_flash_command() -> list[str]:
     """The installed console script, as a user runs it."""
     return [str(Path(sys.executable).with_name("mlx-flash"))]

@@ -18,7 +18,7 @@ import pytest
 from mcp.client.client import Client
 from mcp.client.stdio import StdioServerParameters
 
-from helpers import Sidecar, mlx_flash_command, run_sidecar
+from helpers import MCP_INITIALIZE, Sidecar, mlx_flash_command, run_sidecar
 
 
 @pytest.fixture(scope="module")
@@ -89,18 +89,6 @@ def test_every_tool_over_stdio_in_both_connection_styles(server: Sidecar, mode: 
     assert any(m["id"] == "demo" for m in models)
 
 
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "t", "version": "1"},
-    },
-}
-
-
 @contextlib.contextmanager
 def _bridge(url: str) -> Iterator[subprocess.Popen[str]]:
     with subprocess.Popen(
@@ -141,7 +129,7 @@ def _end(proc: subprocess.Popen[str]) -> str:
 
 def test_unknown_method_is_32601_and_stdout_is_only_protocol(server: Sidecar) -> None:
     with _bridge(server.url) as proc:
-        _send(proc, INIT, {"jsonrpc": "2.0", "method": "notifications/initialized"})
+        _send(proc, MCP_INITIALIZE, {"jsonrpc": "2.0", "method": "notifications/initialized"})
         _send(proc, {"jsonrpc": "2.0", "id": 2, "method": "no/such/method"})
         replies = [_reply(proc) for _ in range(2)]
         assert replies[0]["id"] == 1 and "serverInfo" in replies[0]["result"]
@@ -164,7 +152,7 @@ def _until(what: str, done: Any, timeout: float = 30.0) -> None:
 def test_cancelling_a_tool_call_frees_its_generation_at_once(server: Sidecar) -> None:
     """notifications/cancelled closes the request's HTTP stream: the generation stops, no reply comes."""
     with _bridge(server.url) as proc:
-        _send(proc, INIT)
+        _send(proc, MCP_INITIALIZE)
         assert "serverInfo" in _reply(proc)["result"]
         arguments = {"prompt": "Count from one to one thousand: one, two, three,", "max_tokens": 900}
         call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call"}
@@ -184,7 +172,7 @@ def test_a_server_that_is_not_there_is_a_clear_json_rpc_error() -> None:
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, never listening: refused
         with _bridge(url) as proc:
-            _send(proc, INIT)
+            _send(proc, MCP_INITIALIZE)
             reply = _reply(proc)
             assert reply["id"] == 1 and reply["error"]["code"] == -32000
             assert f"cannot reach the mlx-flash server at {url}" in reply["error"]["message"]

@@ -18,7 +18,7 @@ from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from helpers import Sidecar, mlx_flash_command, run_sidecar
+from helpers import MCP_INITIALIZE, Sidecar, mlx_flash_command, run_sidecar
 
 KEY = "mcp-test-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -108,17 +108,7 @@ def _rpc(response: httpx.Response) -> dict[str, Any]:
 
 
 def test_unknown_method_is_32601_in_both_styles(server: Sidecar) -> None:
-    init = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-06-18",
-            "capabilities": {},
-            "clientInfo": {"name": "t", "version": "1"},
-        },
-    }
-    reply = _rpc(_post(server, init, AUTH))
+    reply = _rpc(_post(server, MCP_INITIALIZE, AUTH))
     assert reply["id"] == 1 and reply["result"]["serverInfo"]["name"] == "mlx-flash"
     legacy = _post(server, {"jsonrpc": "2.0", "id": 2, "method": "no/such/method"}, AUTH)
     assert _rpc(legacy)["error"]["code"] == -32601
