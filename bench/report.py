@@ -38,8 +38,9 @@ def _time(seconds: float) -> str:
 def _command(result: dict[str, Any]) -> str:
     """The command as someone would type it in the repository (interpreter path dropped)."""
     argv = result.get("argv")
+    env = [f"{k}={v}" for k, v in result.get("env", {}).items()]
     if isinstance(argv, list) and argv:
-        return shlex.join(["python", *[str(a) for a in argv]])
+        return " ".join([*env, shlex.join(["python", *[str(a) for a in argv]])])
     return str(result.get("command", "?"))
 
 
@@ -47,8 +48,17 @@ def _machine(m: dict[str, Any]) -> str:
     ram = f", {m['ram_gb']} GB RAM" if m.get("ram_gb") else ""
     return (
         f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores{ram}, {m.get('os', '?')}, "
-        f"MLX {m.get('mlx', '?')} ({m.get('device', '?')}), mlx-lm {m.get('mlx_lm', '?')}"
+        f"MLX {m.get('mlx', '?')} ({m.get('device', '?')}{_blas(m)}), mlx-lm {m.get('mlx_lm', '?')}"
     )
+
+
+def _blas(m: dict[str, Any]) -> str:
+    """Which BLAS MLX's CPU matmul used: the wheel's bundled reference BLAS unless OpenBLAS was preloaded
+    (numpy's own OpenBLAS, `scipy_openblas`, has renamed symbols and serves only numpy)."""
+    names = [n for n in m.get("blas", []) if "scipy_openblas" not in n]
+    if not names:
+        return ""
+    return ", OpenBLAS" if any("openblas" in n for n in names) else ", bundled reference BLAS"
 
 
 def single_stream(result: dict[str, Any], source: str) -> str:
@@ -194,7 +204,7 @@ def _matmul(result: dict[str, Any]) -> str:
         return ""
     return (
         f" (MLX matmul here: {g['rows_1']:g} GFLOPS for one token, {g['rows_8']:g} for 8, "
-        f"{g['rows_512']:g} for 512, which is why the model is this small)"
+        f"{g['rows_512']:g} for 512, measured in the same run)"
     )
 
 
@@ -550,6 +560,8 @@ RENDERERS: dict[str, Callable[[dict[str, Any], str], str]] = {
 
 
 def tables(results_dir: Path) -> dict[str, str]:
+    """Per results file, its table, named by the file's stem (README markers `bench:STEM`): a benchmark
+    may have several files, e.g. runs on two BLAS libraries."""
     out: dict[str, str] = {}
     for path in sorted(results_dir.glob("*.json")):
         result = json.loads(path.read_text())
@@ -559,7 +571,7 @@ def tables(results_dir: Path) -> dict[str, str]:
                 source = str(path.resolve().relative_to(results_dir.resolve().parent.parent))
             except ValueError:
                 source = str(path)
-            out[name] = RENDERERS[name](result, source)
+            out[path.stem] = RENDERERS[name](result, source)
     return out
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from single_stream import git_state, machine
 
+ENV = ("LD_PRELOAD",)
+
 
 def header(name: str, args: argparse.Namespace, started: float, omit: Iterable[str] = ()) -> dict[str, Any]:
     """The opening fields of `bench/results/<name>.json`; `omit` names settings that are not settings."""
@@ -22,6 +24,8 @@ def header(name: str, args: argparse.Namespace, started: float, omit: Iterable[s
         "benchmark": name,
         "command": shlex.join([sys.executable, *sys.argv]),
         "argv": sys.argv,
+        # What the environment changes for this process and the servers it starts (they inherit it).
+        "env": {k: os.environ[k] for k in ENV if k in os.environ},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "quick": getattr(args, "quick", False),
         "machine": machine(),

@@ -450,6 +450,16 @@ def _median_or_none(values: list[float]) -> float | None:
 # ---------------------------------------------------------------- machine and main
 
 
+def blas() -> list[str]:
+    """The BLAS libraries mapped into this process (Linux): MLX's CPU wheel bundles the reference BLAS
+    (`libblas-*.so`); `LD_PRELOAD=.../libopenblas.so.0` puts OpenBLAS in front of it, for this process and
+    the servers it starts."""
+    with contextlib.suppress(OSError):
+        names = {Path(line.split()[-1]).name for line in Path("/proc/self/maps").read_text().splitlines()}
+        return sorted(n for n in names if "blas" in n.lower())
+    return []
+
+
 def machine() -> dict[str, Any]:
     cpu = "unknown"
     mem_kb = 0
@@ -478,6 +488,7 @@ def machine() -> dict[str, Any]:
         "mlx_lm": importlib.metadata.version("mlx-lm"),
         "mlx_flash": importlib.metadata.version("mlx-flash"),
         "device": str(mx.default_device()),
+        "blas": blas(),
         # The worker's HTTP stack: uvicorn picks httptools and uvloop when installed, else h11 and asyncio.
         "server_stack": {
             name: _version(name) for name in ("uvicorn", "starlette", "httptools", "uvloop", "h11")
