@@ -49,6 +49,7 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.utils import load, load_tokenizer, save_config, save_model
 
+from mlx_flash import blas
 from mlx_flash.demo import DEMO_MODEL_PATH
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -450,16 +451,6 @@ def _median_or_none(values: list[float]) -> float | None:
 # ---------------------------------------------------------------- machine and main
 
 
-def blas() -> list[str]:
-    """The BLAS libraries mapped into this process (Linux): MLX's CPU wheel bundles the reference BLAS
-    (`libblas-*.so`); `LD_PRELOAD=.../libopenblas.so.0` puts OpenBLAS in front of it, for this process and
-    the servers it starts."""
-    with contextlib.suppress(OSError):
-        names = {Path(line.split()[-1]).name for line in Path("/proc/self/maps").read_text().splitlines()}
-        return sorted(n for n in names if "blas" in n.lower())
-    return []
-
-
 def machine() -> dict[str, Any]:
     cpu = "unknown"
     mem_kb = 0
@@ -488,7 +479,7 @@ def machine() -> dict[str, Any]:
         "mlx_lm": importlib.metadata.version("mlx-lm"),
         "mlx_flash": importlib.metadata.version("mlx-flash"),
         "device": str(mx.default_device()),
-        "blas": blas(),
+        "blas": blas.mapped(),  # LD_PRELOAD, which the servers started here inherit, can change it
         # The worker's HTTP stack: uvicorn picks httptools and uvloop when installed, else h11 and asyncio.
         "server_stack": {
             name: _version(name) for name in ("uvicorn", "starlette", "httptools", "uvloop", "h11")

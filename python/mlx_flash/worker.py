@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
+import mlx.core as mx
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -29,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mlx_flash import __version__, memory, metrics
+from mlx_flash import __version__, blas, memory, metrics
 from mlx_flash import logging as json_logging
 from mlx_flash.api import admin, anthropic, ollama, openai, responses
 from mlx_flash.api.error_shapes import error_response
@@ -278,6 +279,12 @@ def _exit_with_parent(parent_pid: int, server: uvicorn.Server) -> None:
     os._exit(1)
 
 
+def _log_blas() -> None:
+    libraries = blas.mapped()
+    hint = blas.advice(libraries, str(mx.default_device()), blas.installed_openblas())
+    log.info("blas", extra={"libraries": libraries, **({"hint": hint} if hint else {})})
+
+
 def run(config: WorkerConfig) -> int:
     """Serve until interrupted; the model loads in the background while /ready says 503."""
     json_logging.configure(config.log_level, config.log_format, config.log_file, config.worker_id)
@@ -285,6 +292,7 @@ def run(config: WorkerConfig) -> int:
     try:
         config.validate()
         log.info("memory limit", extra={"bytes": state.scheduler.limit})  # reads --aliases, --pin too
+        _log_blas()
         sock = _bind(config)
     except (ValueError, OSError, ApiError) as e:
         message = e.message if isinstance(e, ApiError) else str(e)

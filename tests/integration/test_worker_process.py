@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import mlx.core as mx
@@ -15,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import Worker, build_model, run_worker
+from mlx_flash import blas
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -136,3 +140,31 @@ def test_failure_after_200_ends_the_stream_with_an_error_event(broken_worker: Wo
     with pytest.raises(openai.APIError):
         list(stream)
     assert httpx.get(f"{broken_worker.url}/health", timeout=10).status_code == 200
+
+
+def blas_line(log: str) -> dict[str, Any]:
+    entries = (json.loads(x) for x in log.splitlines() if x.startswith("{"))
+    return next(e for e in entries if e.get("msg") == "blas")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MLX's Linux wheel bundles its BLAS")
+def test_worker_says_which_blas_it_runs_on(demo_worker: Worker) -> None:
+    line = blas_line(demo_worker.log())
+    if "openblas" not in os.environ.get("LD_PRELOAD", ""):
+        assert any(n.startswith("libblas") for n in line["libraries"])
+        assert "LD_PRELOAD=" in line["hint"]
+
+
+@pytest.mark.skipif(blas.installed_openblas() is None, reason="OpenBLAS not installed (libopenblas0-pthread)")
+def test_a_worker_started_with_openblas_preloaded_runs_on_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LD_PRELOAD", str(blas.installed_openblas()))
+    with run_worker("demo", tmp_path / "openblas.log") as w:
+        line = blas_line(w.log())
+        assert any("openblas" in n for n in line["libraries"]) and "hint" not in line
+        c = openai.OpenAI(base_url=f"{w.url}/v1", api_key="x", max_retries=0)
+        r = c.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "echo: hi"}], max_tokens=8, temperature=0
+        )
+        assert r.choices[0].message.content
