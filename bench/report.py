@@ -54,11 +54,11 @@ def _machine(m: dict[str, Any]) -> str:
 
 def _blas(m: dict[str, Any]) -> str:
     """Which BLAS MLX's CPU matmul used: the wheel's bundled reference BLAS unless OpenBLAS was preloaded
-    (numpy's own OpenBLAS, `scipy_openblas`, has renamed symbols and serves only numpy)."""
-    names = [n for n in m.get("blas", []) if "scipy_openblas" not in n]
-    if not names:
-        return ""
-    return ", OpenBLAS" if any("openblas" in n for n in names) else ", bundled reference BLAS"
+    (numpy's own, `libscipy_openblas64_`, serves only numpy)."""
+    names = m.get("blas", [])
+    if any(n.startswith("libopenblas") for n in names):
+        return ", OpenBLAS"
+    return ", bundled reference BLAS" if any(n.startswith("libblas") for n in names) else ""
 
 
 def single_stream(result: dict[str, Any], source: str) -> str:
