@@ -368,11 +368,22 @@ def routing(result: dict[str, Any], source: str) -> str:
                 f"| {reused:,} | {metric:,.0f} | {reused / prompt:.1%} | {evicted:,.0f} "
                 f"| {ca / max(reused, 1):.2f}× |"
             )
+        same = b["summary"].get("round_robin_same_worker")
+        bound = ""
+        if same:
+            share = statistics.median(x["share_of_later_turns"] for x in same)
+            rr_same = sum(x["round_robin_reused"] for x in same)
+            ca_same = sum(x["cache_aware_reused"] for x in same)
+            at_most = max(x["cache_aware_over_round_robin_at_most"] for x in same)
+            bound = (
+                f"; round_robin sent {share:.0%} of later turns to the worker of the session's previous turn "
+                f"and reused {rr_same:,} tokens on them, cache_aware {ca_same:,} on the same turns, so "
+                f"cache_aware / round_robin could be at most {at_most:.2f}× in any round"
+            )
         notes.append(
             f"with {_mib(b['prefix_cache_bytes'])} per worker, cache_aware reuses "
             f"{t['over_round_robin']['value']:.2f}× what round_robin does and "
-            f"{t['over_single']['value']:.2f}× a single worker (medians of per-round ratios; its decisions: "
-            f"{_decisions(rounds)})"
+            f"{t['over_single']['value']:.2f}× a single worker (medians of per-round ratios){bound}"
         )
     st, first = result["settings"], result["budgets"][0]
     t = first["summary"]["targets"]
@@ -385,8 +396,11 @@ def routing(result: dict[str, Any], source: str) -> str:
         + "; ".join(notes)[:1].upper()
         + "; ".join(notes)[1:]
         + ". When a worker's cache holds every session, round_robin still finds most of each history on "
-        "whichever worker saw the session last; when it holds about half, only cache_aware keeps each "
-        "session's history where the next turn goes.",
+        "whichever worker saw the session last (a turn or more older). Round robin over 2 workers sends "
+        "about half the turns where the session's previous turn ran, and there it finds the history as "
+        "cache_aware does, at every budget: that caps cache_aware / round_robin near 2× on sessions that "
+        "resend their history. "
+        f"cache_aware's decisions at {_mib(first['prefix_cache_bytes'])}: {_decisions(first['rounds'])}.",
         "",
         f"Trace: {st['sessions']} chat sessions × {st['turns']} turns, {st['rounds']} rounds per budget "
         "(a new trace each, set-ups in alternating order), sessions at once with seeded think times and at "

@@ -235,12 +235,32 @@ def run_setup(
 # ---------------------------------------------------------------- main
 
 
+def same_worker_turns(r: dict[str, Any]) -> dict[str, Any]:
+    """round_robin's turns that happened to land on the worker that served the session's previous turn,
+    beside cache_aware on the same turns (same trace, same greedy replies, so the same prompts). On those
+    turns round_robin finds the history where cache_aware does, so what it reuses there bounds the ratio:
+    cache_aware / round_robin <= cache_aware / (round_robin's reuse on those turns)."""
+    rr = {(x["session"], x["turn"]): x for x in r["round_robin"]["rows"]}
+    ca = {(x["session"], x["turn"]): x for x in r["cache_aware"]["rows"]}
+    later = [k for k in rr if k[1] > 0]
+    same = [k for k in later if rr[k]["worker"] == rr[(k[0], k[1] - 1)]["worker"]]
+    rr_same = sum(rr[k]["cached_tokens"] for k in same)
+    return {
+        "share_of_later_turns": round(len(same) / max(len(later), 1), 3),
+        "round_robin_reused": rr_same,
+        "cache_aware_reused": sum(ca[k]["cached_tokens"] for k in same if k in ca),
+        "same_prompts": all(k in ca and ca[k]["prompt_tokens"] == rr[k]["prompt_tokens"] for k in rr),
+        "cache_aware_over_round_robin_at_most": round(r["cache_aware"]["reused_tokens"] / max(rr_same, 1), 3),
+    }
+
+
 def summarize(rounds: list[dict[str, Any]], budget: int) -> dict[str, Any]:
     over_rr = [r["cache_aware"]["reused_tokens"] / max(r["round_robin"]["reused_tokens"], 1) for r in rounds]
     over_single = [r["cache_aware"]["reused_tokens"] / max(r["single"]["reused_tokens"], 1) for r in rounds]
     # What any policy could reach over round robin: all of a session's turns on one worker.
     ceiling = [r["single"]["reused_tokens"] / max(r["round_robin"]["reused_tokens"], 1) for r in rounds]
     med_rr, med_single = statistics.median(over_rr), statistics.median(over_single)
+    same = [same_worker_turns(r) for r in rounds]
     consistent = all(s["metrics_match"] for r in rounds for s in r.values() if isinstance(s, dict))
     return {
         "reused_tokens": {k: [r[k]["reused_tokens"] for r in rounds] for k in SETUPS},
@@ -248,6 +268,7 @@ def summarize(rounds: list[dict[str, Any]], budget: int) -> dict[str, Any]:
         "cache_aware_over_round_robin": [round(x, 3) for x in over_rr],
         "cache_aware_over_single": [round(x, 3) for x in over_single],
         "single_over_round_robin": [round(x, 3) for x in ceiling],
+        "round_robin_same_worker": same,
         "metrics_match": consistent,
         "targets": {
             "over_round_robin": {
