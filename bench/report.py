@@ -227,28 +227,40 @@ def concurrency(result: dict[str, Any], source: str) -> str:
     sc = s["scaling"]
     hol = result["head_of_line"]
     prompt = result["settings"]["hol_prompt_tokens"]
-    rows += [
-        "",
-        "| server | inter-token p99, idle | p99 during a "
-        f"{prompt:,}-token prefill | during / idle | same positions without it | during / same positions "
-        "| longest stall | long prompt's TTFT |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    grew = {}
-    for key, name in (("ours", "ours"), ("mlx_lm", "mlx_lm.server")):
-        h = hol[key]
-        stall = max(float(r["during_prefill_ms"]["max"]) for r in hol["trials"][key]) / 1e3
-        # Tokens each stream generated while the long prompt was read: its context grew by that much.
-        grew[name] = statistics.median(
-            r["during_prefill_ms"]["count"] / HOL_STREAMS for r in hol["trials"][key]
+    hol_target = ""
+    if hol:
+        rows += [
+            "",
+            "| server | inter-token p99, idle | p99 during a "
+            f"{prompt:,}-token prefill | during / idle | same positions without it | during / same "
+            "positions | longest stall | long prompt's TTFT |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        grew = {}
+        for key, name in (("ours", "ours"), ("mlx_lm", "mlx_lm.server")):
+            h = hol[key]
+            stall = max(float(r["during_prefill_ms"]["max"]) for r in hol["trials"][key]) / 1e3
+            # Tokens each stream generated while the long prompt was read: its context grew by that much.
+            grew[name] = statistics.median(
+                r["during_prefill_ms"]["count"] / HOL_STREAMS for r in hol["trials"][key]
+            )
+            rows.append(
+                f"| {name} | {_time(h['median_idle_p99_ms'] / 1e3)} "
+                f"| {_time(h['median_during_p99_ms'] / 1e3)} | {h['median_p99_ratio']:.1f}× "
+                f"| {_time(h['median_control_p99_ms'] / 1e3)} "
+                f"| {_ratio(h['median_p99_ratio_same_positions'])} "
+                f"| {stall:.1f} s | {h['median_long_ttft_s']:.1f} s |"
+            )
+        hol_target = (
+            f"inter-token p99 during the long prefill ≤ 2× idle — {t['head_of_line']['value']:.1f}×: "
+            f"{_met(t['head_of_line'])} (while it is read, each of ours' streams keeps going and generates "
+            f"about {grew['ours']:,.0f} tokens, so its own decode steps slow as its context grows; "
+            f"mlx_lm.server's streams wait: {grew['mlx_lm.server']:,.0f}; against the same streams at the "
+            "same positions without the long prompt, ours' p99 is "
+            f"{_ratio(hol['ours']['median_p99_ratio_same_positions'])}: that much is the prefill's own "
+            "cost); "
         )
-        rows.append(
-            f"| {name} | {_time(h['median_idle_p99_ms'] / 1e3)} | {_time(h['median_during_p99_ms'] / 1e3)} "
-            f"| {h['median_p99_ratio']:.1f}× | {_time(h['median_control_p99_ms'] / 1e3)} "
-            f"| {_ratio(h['median_p99_ratio_same_positions'])} | {stall:.1f} s "
-            f"| {h['median_long_ttft_s']:.1f} s |"
-        )
-    trials = len(hol["trials"]["ours"])
+    trials = len(hol["trials"]["ours"]) if hol else 0
     rounds = result["settings"]["rounds"]
     rows += [
         "",
@@ -256,13 +268,8 @@ def concurrency(result: dict[str, Any], source: str) -> str:
         f"{t['ratio_every_level']['value']:.3f}×: {_met(t['ratio_every_level'])}; "
         f"ours@{sc['to']} / ours@{sc['from']} ≥ 3× — {sc['ours']:.2f}× (mlx_lm.server {sc['mlx_lm']:.2f}×, "
         f"the engine alone {sc['engine_in_process']:.2f}×): {_met(t['scaling'])}; "
-        f"inter-token p99 during the long prefill ≤ 2× idle — {t['head_of_line']['value']:.1f}×: "
-        f"{_met(t['head_of_line'])} (while it is read, each of ours' streams keeps going and generates about "
-        f"{grew['ours']:,.0f} tokens, so its own decode steps slow as its context grows; mlx_lm.server's "
-        f"streams wait: {grew['mlx_lm.server']:,.0f}; against the same streams at the same positions without "
-        f"the long prompt, ours' p99 is {_ratio(hol['ours']['median_p99_ratio_same_positions'])}: that "
-        "much is the prefill's own cost); greedy output identical to solo "
-        "`mlx_lm.stream_generate`: "
+        + hol_target
+        + "greedy output identical to solo `mlx_lm.stream_generate`: "
         f"{_met(t['parity'])} (mlx_lm.server streams that departed from it: {s['mlx_lm_streams_off_solo']}).",
         "",
         f"Model: random-weight {_about(result['model'])}{_matmul(result)}. "
@@ -271,14 +278,19 @@ def concurrency(result: dict[str, Any], source: str) -> str:
         f"per stream (EOS suppressed), new prompts each round; medians of {rounds} pairs per level, the "
         "servers alternating which goes first; the ratio is the median of per-pair ratios (bootstrap 95% "
         "interval). The engine-alone column (mlx-lm's BatchGenerator in the benchmark's process) is measured "
-        f"after the pairs, not alternated with them. Head-of-line: {trials} trials per server, alternating; "
-        f"4 streams decoding, then a {prompt:,}-token prompt; p99 of the streams' inter-token gaps before it "
-        "arrives vs of the gaps overlapping its prefill (medians over trials); 'same positions' reruns the "
-        "same 4 streams without the long prompt (same prompts, so the same greedy tokens) and takes their "
-        "gaps at the positions that overlapped the prefill: the same context lengths, undisturbed. Gaps are "
-        "between chunks that "
-        "carry text, as a user sees them: a token with no text of its own (part of a multi-byte character) "
-        f"joins two gaps, on both servers alike. Ours is `{result['method']['ours']}` with its defaults; "
+        "after the pairs, not alternated with them. "
+        + (
+            f"Head-of-line: {trials} trials per server, alternating; 4 streams decoding, then a "
+            f"{prompt:,}-token prompt; p99 of the streams' inter-token gaps before it arrives vs of the gaps "
+            "overlapping its prefill (medians over trials); 'same positions' reruns the same 4 streams "
+            "without the long prompt (same prompts, so the same greedy tokens) and takes their gaps at the "
+            "positions that overlapped the prefill: the same context lengths, undisturbed. "
+            if hol
+            else "Head-of-line not measured in this run (--hol-trials 0). "
+        )
+        + "Gaps are between chunks that carry text, as a user sees them: a token with no text of its own "
+        "(part of a multi-byte character) joins two gaps, on both servers alike. "
+        f"Ours is `{result['method']['ours']}` with its defaults; "
         "mlx_lm.server runs with its defaults. "
         f"{_machine(result['machine'])}; {result.get('started', '')}. "
         f"Source: `{source}`, made by `{_command(result)}`.",
