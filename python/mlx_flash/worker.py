@@ -64,6 +64,8 @@ log = logging.getLogger("mlx_flash.worker")
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 UNAUTHENTICATED = {"/health", "/ready"}
+# Seconds an idle client connection stays open (the sidecar closes its own after 60).
+KEEP_ALIVE_S = 75
 # Route -> the API it belongs to (the `api` label); every other route is "other".
 ROUTE_APIS = {
     "/chat/completions": "openai",
@@ -117,12 +119,13 @@ class Observe:
         if not _SANE_ID.fullmatch(request_id):
             request_id = uuid.uuid4().hex
         status = 500
+        started = False
         context = json_logging.start_request(request_id)
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
@@ -132,6 +135,14 @@ class Observe:
                 await error_response(scope["path"], err)(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            # A bug: the traceback goes to the log, never to the client. Answered here rather than by
+            # Starlette's error middleware, which re-raises so that uvicorn closes the connection, and the
+            # sidecar's next request on that pooled connection would fail.
+            log.error("unhandled error", exc_info=exc, extra={"path": scope["path"]})
+            if started:  # mid-response: closing the connection is what tells the client
+                raise
+            await error_response(scope["path"], InternalError())(scope, receive, send_with_id)
         finally:
             route = route_label(scope["path"])
             elapsed = time.perf_counter() - start
@@ -191,12 +202,6 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return error_response(path, ApiError(str(exc.detail)))
 
 
-async def internal_error(request: Request, exc: Exception) -> Response:
-    # The traceback goes to the log, never to the client.
-    log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
-    return error_response(request.url.path, InternalError())
-
-
 def create_app(state: WorkerState, on_fatal: Callable[[], None] | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -232,7 +237,7 @@ def create_app(state: WorkerState, on_fatal: Callable[[], None] | None = None) -
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: internal_error},
+        exception_handlers={ApiError: api_error, HTTPException: http_error},
     )
     app.add_middleware(Observe, config=state.config)
     return app
@@ -304,7 +309,14 @@ def run(config: WorkerConfig) -> int:
         server.should_exit = True
 
     server = uvicorn.Server(
-        uvicorn.Config(create_app(state, stop), log_config=None, timeout_graceful_shutdown=10)
+        uvicorn.Config(
+            create_app(state, stop),
+            log_config=None,
+            timeout_graceful_shutdown=10,
+            # Longer than the sidecar keeps an idle pooled connection (60 s), so the sidecar is the one
+            # that closes it: a worker closing first races the sidecar's next request on it.
+            timeout_keep_alive=KEEP_ALIVE_S,
+        )
     )
     if config.uds:
         log.info("listening", extra={"uds": config.uds})

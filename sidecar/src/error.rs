@@ -80,6 +80,9 @@ pub enum ErrorKind {
     /// An admin route named an unknown worker.
     #[error("{0}")]
     NotFound(String),
+    /// A method one of our own routes does not answer.
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// No worker can take the request now (all loading, restarting or down).
     #[error("{0}")]
     Unavailable(String),
@@ -96,6 +99,7 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::BadBody(_) | ErrorKind::BadParameter(_) => StatusCode::BAD_REQUEST,
             ErrorKind::NotFound(_) => StatusCode::NOT_FOUND,
+            ErrorKind::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Upstream(_) => StatusCode::BAD_GATEWAY,
         }
@@ -109,6 +113,7 @@ impl ErrorKind {
             ErrorKind::BadBody(_) => "invalid_body",
             ErrorKind::BadParameter(_) => "invalid_parameter",
             ErrorKind::NotFound(_) => "not_found",
+            ErrorKind::MethodNotAllowed(_) => "method_not_allowed",
             ErrorKind::Unavailable(_) => "no_worker_available",
             ErrorKind::Upstream(_) => "upstream_error",
         }

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{Request, State};
-use axum::http::HeaderValue;
+use axum::http::{HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -40,7 +40,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::Guard;
 use crate::config::{Config, Settings};
-use crate::error::StartError;
+use crate::error::{ApiError, ErrorKind, StartError};
 use crate::metrics::Metrics;
 use crate::routing::Policy;
 use crate::workers::backend::{Backend, Location};
@@ -92,6 +92,15 @@ impl AppState {
     }
 }
 
+/// A method one of the sidecar's own routes does not answer, in the shape of the path's API.
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    let path = uri.path();
+    ApiError::new(
+        path,
+        ErrorKind::MethodNotAllowed(format!("Method {method} is not allowed for {path}")),
+    )
+}
+
 /// The HTTP application. Everything the sidecar does not own is proxied to a worker.
 pub fn app(state: AppState) -> Router {
     let admin_actions = Router::new()
@@ -114,6 +123,7 @@ pub fn app(state: AppState) -> Router {
         .route("/chat", get(webui::chat))
         .route("/ui/{name}", get(webui::asset))
         .merge(admin_actions)
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(proxy::proxy)
         .layer(middleware::from_fn_with_state(state.clone(), auth::check))
         .layer(middleware::from_fn_with_state(

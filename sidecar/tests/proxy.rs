@@ -399,6 +399,29 @@ async fn oversized_bodies_are_refused_in_the_api_shape() {
 }
 
 #[tokio::test]
+async fn wrong_methods_on_the_sidecars_own_routes_are_405_in_the_api_shape() {
+    let w = mock("m").await;
+    let s = sidecar(&[(&w.url, "m")], &[]).await;
+    for (method, path) in [
+        ("POST", "/v1/models"),
+        ("DELETE", "/health"),
+        ("PUT", "/metrics"),
+    ] {
+        let r = send(method, &format!("{}{path}", s.url), &[], "{}").await;
+        assert_eq!(r.status, 405, "{method} {path}");
+        let error = &r.json()["error"];
+        assert_eq!(error["code"], "method_not_allowed", "{method} {path}");
+        assert_eq!(error["type"], "invalid_request_error");
+        assert!(error["message"].as_str().unwrap().contains(path));
+        assert!(
+            r.header("allow").unwrap().contains("GET"),
+            "{method} {path}"
+        );
+    }
+    assert_eq!(w.seen.requests.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
 async fn no_ready_worker_is_a_503_with_retry_after() {
     let w = mock("m").await;
     let s = sidecar(&[(&w.url, "m")], &[]).await;

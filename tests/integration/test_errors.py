@@ -55,6 +55,7 @@ def test_malformed_body_is_400(demo_worker: Worker, raw: bytes | str) -> None:
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user"}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
             "messages[0].content[0]",
@@ -82,6 +83,8 @@ def test_malformed_body_is_400(demo_worker: Worker, raw: bytes | str) -> None:
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logit_bias": {"999999": 5}}, "logit_bias"),
         ({"logit_bias": {"5": 500}}, "logit_bias"),
+        ({"logit_bias": {"\u00b2": 1}}, "logit_bias"),  # a digit to str.isdigit, not to int()
+        ({"logit_bias": {"-5": 1}}, "logit_bias"),
         ({"n": 2}, "n"),
         ({"tools": [{"type": "function", "function": {"description": "f"}}]}, "tools[0].function.name"),
         ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
@@ -109,6 +112,10 @@ def test_malformed_body_is_400(demo_worker: Worker, raw: bytes | str) -> None:
             "response_format.json_schema.schema",
         ),
         ({"chat_template_kwargs": "x"}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {"tokenize": False}}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {"chat_template": "{{ 1/0 }}"}}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {"return_tensors": "np"}}, "chat_template_kwargs"),
     ],
 )
 def test_invalid_field_is_400_naming_param(demo_worker: Worker, patch: dict[str, Any], param: str) -> None:
@@ -116,6 +123,14 @@ def test_invalid_field_is_400_naming_param(demo_worker: Worker, patch: dict[str,
     body = {k: v for k, v in body.items() if v is not None}
     msg = assert_error(post(demo_worker, body), 400, param)
     assert param.split(".")[-1].split("[")[0] in msg
+
+
+def test_unenforceable_tool_parameters_are_400_without_the_internal_grammar(demo_worker: Worker) -> None:
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": "x"}}}
+    body = {"model": "demo", "messages": OK_MESSAGES, "tools": [bad], "tool_choice": "required"}
+    msg = assert_error(post(demo_worker, body), 400, "tools")
+    assert "properties must be an object" in msg
+    assert "x-guidance" not in msg and "\n" not in msg
 
 
 def test_harmless_unknown_fields_are_ignored(demo_worker: Worker) -> None:

@@ -42,6 +42,23 @@ from mlx_flash.models.scheduler import Entry, Lease, Scheduler
 from mlx_flash.worker_state import WorkerState
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
+# apply_chat_template's own arguments: the server sets them, so chat_template_kwargs may not.
+TEMPLATE_ARGUMENTS = {
+    "conversation",
+    "tools",
+    "documents",
+    "chat_template",
+    "add_generation_prompt",
+    "continue_final_message",
+    "tokenize",
+    "padding",
+    "truncation",
+    "max_length",
+    "return_tensors",
+    "return_dict",
+    "return_assistant_tokens_mask",
+    "tokenizer_kwargs",
+}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -118,7 +135,7 @@ def _logit_bias(f: Fields, vocab_size: int) -> dict[int, float]:
         return {}
     bias: dict[int, float] = {}
     for key, amount in value.items():
-        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
+        if not (key.isascii() and key.isdigit()) or not int(key) < vocab_size:
             raise InvalidRequest(f"logit_bias key {key!r} is not a token id of this model", "logit_bias")
         if isinstance(amount, bool) or not isinstance(amount, int | float) or not -100 <= amount <= 100:
             raise InvalidRequest("logit_bias values must be numbers in [-100, 100]", "logit_bias")
@@ -199,11 +216,13 @@ def _content(value: Any, where: str, *, optional: bool) -> str:
     texts = []
     for j, part in enumerate(value):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text" or not isinstance(part.get("text"), str):
+        if kind != "text":
             raise InvalidRequest(
                 f"{where}[{j}]: only text content parts are supported by this model (got {kind!r})",
                 param=f"{where}[{j}]",
             )
+        if not isinstance(part.get("text"), str):
+            raise InvalidRequest(f"{where}[{j}].text must be a string", param=f"{where}[{j}].text")
         texts.append(part["text"])
     return "\n".join(texts)
 
@@ -386,7 +405,14 @@ async def _chat(request: Request, body: dict[str, Any], f: Fields, lease: Lease)
     common = parse_common(f, engine.vocab_size)
     messages = parse_messages(body)
     tools = openai_tools(body, flat=False)
-    kwargs = {**(f.obj("chat_template_kwargs") or {}), **tools.template_kwargs()}
+    extra = f.obj("chat_template_kwargs") or {}
+    if reserved := sorted(TEMPLATE_ARGUMENTS & extra.keys()):
+        raise InvalidRequest(
+            f"chat_template_kwargs may only hold variables for the chat template (such as "
+            f"enable_thinking), not {', '.join(reserved)}",
+            param="chat_template_kwargs",
+        )
+    kwargs = {**extra, **tools.template_kwargs()}
     logprobs = f.boolean("logprobs", False)
     top = f.integer("top_logprobs", 0, lo=0, hi=20) or 0
     if top and not logprobs:

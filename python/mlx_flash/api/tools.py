@@ -16,6 +16,8 @@ from mlx_flash.engine.engine import Engine
 from mlx_flash.engine.request import Tools
 
 NAME = re.compile(r"^[a-zA-Z0-9_.:-]{1,128}$")
+# Where in the tool-call grammar a compile error is ("at 2(7): ..."), before its reason.
+_GRAMMAR_PLACE = re.compile(r"^at \d+\(\d+\): (failed to compile JSON schema: )?")
 Choice = Literal["auto", "none", "required", "named"]
 
 
@@ -201,4 +203,8 @@ async def prepare(engine: Engine, spec: ToolSpec, constraint: Masker | None) -> 
         grammar = engine.grammars.tool_calls(list(spec.tools), start, end, spec.name, spec.parallel)
         return await run_in_threadpool(engine.grammars.compile, grammar)
     except ValueError as e:
-        raise InvalidRequest(f"tools: these tool parameters cannot be enforced: {e}", param="tools") from None
+        # The compiler points into the grammar built here, and prints it: the client gets the reason only.
+        reason = _GRAMMAR_PLACE.sub("", str(e).splitlines()[0] if str(e) else "")
+        raise InvalidRequest(
+            f"tools: these tool parameters cannot be enforced: {reason}", param="tools"
+        ) from None

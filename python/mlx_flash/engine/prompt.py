@@ -22,7 +22,9 @@ def encode_chat(
         ids = tokenizer.apply_chat_template(  # type: ignore[no-untyped-call]
             messages, add_generation_prompt=True, tokenize=True, **template_kwargs
         )
-    except jinja2.TemplateError as e:  # the template's own raise_exception(), or a type error in it
+    except (jinja2.TemplateError, TypeError, ValueError) as e:
+        # The template's own raise_exception(), or what it or the tokenizer made of the client's messages
+        # and template variables (the only input of this call).
         raise InvalidRequest(f"The chat template rejected the messages: {e}", param="messages") from None
     return [int(t) for t in ids]
 
