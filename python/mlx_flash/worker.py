@@ -166,8 +166,12 @@ class Observe:
 
     def _authorized(self, headers: dict[str, str]) -> bool:
         assert self.api_key is not None
-        given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
-        return hmac.compare_digest(given.encode(), self.api_key.encode())
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        bearer = token.strip() if scheme.lower() == "bearer" else scheme  # the scheme is case-insensitive
+        key = self.api_key.encode()
+        return any(
+            hmac.compare_digest(given.encode(), key) for given in (headers.get("x-api-key", ""), bearer)
+        )
 
 
 async def health(request: Request) -> Response:

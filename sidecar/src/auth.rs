@@ -52,13 +52,19 @@ impl Guard {
         let Some(key) = &self.api_key else {
             return true;
         };
-        let given = headers
-            .get("x-api-key")
-            .or_else(|| headers.get("authorization"))
+        // The scheme is case-insensitive (RFC 9110); either header may carry the key.
+        let bearer = headers
+            .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .map(|v| v.strip_prefix("Bearer ").unwrap_or(v))
-            .unwrap_or("");
-        bool::from(given.as_bytes().ct_eq(key.as_bytes()))
+            .map(|v| match v.split_once(' ') {
+                Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+                _ => v,
+            });
+        let x_api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+        [x_api_key, bearer]
+            .into_iter()
+            .flatten()
+            .any(|given| bool::from(given.as_bytes().ct_eq(key.as_bytes())))
     }
 
     fn host_allowed(&self, headers: &HeaderMap) -> bool {
@@ -164,6 +170,11 @@ mod tests {
     fn key_in_either_header() {
         let g = Guard::new(Some("sekret".into()), "0.0.0.0", &[], &[]);
         assert!(g.has_key(&headers(&[("authorization", "Bearer sekret")])));
+        assert!(g.has_key(&headers(&[("authorization", "bearer sekret")])));
+        assert!(g.has_key(&headers(&[
+            ("x-api-key", ""),
+            ("authorization", "Bearer sekret")
+        ])));
         assert!(g.has_key(&headers(&[("x-api-key", "sekret")])));
         assert!(!g.has_key(&headers(&[("authorization", "Bearer sekre")])));
         assert!(!g.has_key(&headers(&[])));

@@ -54,6 +54,8 @@ async def _session(url: str, mode: str, headers: dict[str, str]) -> dict[str, An
         out["load_model"] = _text(await client.call_tool("load_model", {"model": "demo"}))
         missing = await client.call_tool("load_model", {"model": "no-such-model"})
         out["missing"] = missing
+        # A name is a name, not a path: this once resolved to POST /admin/api/shutdown.
+        out["escape"] = await client.call_tool("load_model", {"model": "../shutdown?"})
     await http.aclose()
     return out
 
@@ -87,6 +89,7 @@ def test_every_tool_over_http_in_both_connection_styles(server: Sidecar, mode: s
         assert sorted(r["worker"] for r in results) == ["worker-0", "worker-1"], results
         assert all(r["status"] == 200 for r in results), results
     assert out["missing"].is_error and "404" in _text_of(out["missing"])
+    assert out["escape"].is_error and "404" in _text_of(out["escape"])
     server.wait_ready(2, headers=AUTH)
 
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import datetime
 import hashlib
+import math
 import re
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ OLLAMA_VERSION = "0.12.0"
 FOREVER = "2318-11-26T00:00:00Z"  # what Ollama reports for keep_alive -1
 DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Go's time.Duration, which Ollama parses keep_alive into: int64 nanoseconds.
+MAX_DURATION_S = 2**63 / 1e9
 # What /api/generate and /api/chat sample with when `options` leaves them out (Ollama's defaults).
 DEFAULT_OPTIONS = {"temperature": 0.8, "top_p": 0.9, "top_k": 40}
 NOT_SUPPORTED = ("pull", "push", "create", "delete", "copy", "blobs/{digest}")
@@ -49,6 +52,17 @@ def parse_keep_alive(value: Any) -> float | None:
     Numbers are seconds; strings are Go durations ("5m", "1h30m") or a number of seconds."""
     if value is None:
         return None
+    seconds = _seconds(value)
+    if seconds is None:
+        raise InvalidRequest(
+            f'keep_alive must be a duration such as "5m" or a number of seconds, not {value!r}'
+        )
+    if not math.isfinite(seconds) or abs(seconds) > MAX_DURATION_S:
+        raise InvalidRequest(f"keep_alive {value!r} is longer than a duration can be (about 292 years)")
+    return seconds
+
+
+def _seconds(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, str):
@@ -60,7 +74,7 @@ def parse_keep_alive(value: Any) -> float | None:
         parts = DURATION.findall(text)
         if parts and "".join(n + u for n, u in parts) == text:
             return sign * sum(float(n) * UNITS[u] for n, u in parts)
-    raise InvalidRequest(f'keep_alive must be a duration such as "5m" or a number of seconds, not {value!r}')
+    return None
 
 
 class KeepAlive:

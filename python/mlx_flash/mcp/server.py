@@ -10,6 +10,7 @@ methods get -32601.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from mcp.server import MCPServer
@@ -101,12 +102,12 @@ def build(url: str) -> MCPServer:
     @mcp.tool()
     async def load_model(ctx: Context, model: str) -> Any:
         """Load `model` (a name, alias or local path) into the workers so requests can use it."""
-        return await api.post(ctx, f"/admin/api/models/{model}/load")
+        return await api.post(ctx, f"/admin/api/models/{quote(model, safe='')}/load")
 
     @mcp.tool()
     async def unload_model(ctx: Context, model: str) -> Any:
         """Unload `model` from the workers, freeing its memory."""
-        return await api.post(ctx, f"/admin/api/models/{model}/unload")
+        return await api.post(ctx, f"/admin/api/models/{quote(model, safe='')}/unload")
 
     @mcp.tool()
     async def check_memory(ctx: Context) -> Any:
