@@ -150,7 +150,9 @@ def run_in_process(model: Any, tokenizer: Any, ids: list[int], max_tokens: int, 
     for resp in stream_generate(
         model, tokenizer, mx.array(ids), max_tokens=max_tokens, sampler=sampler, logits_processors=processors
     ):
-        clock.text(resp.text, time.perf_counter())
+        # The text as a completion continues its prompt: with the first token's leading space.
+        lead = leading_space(tokenizer, resp.token) if not tokens else ""
+        clock.text(lead + resp.text, time.perf_counter())
         tokens += 1
     return clock.run(tokens, len(ids), time.process_time() - cpu)
 
@@ -192,7 +194,7 @@ def run_server(client: httpx.Client, url: str, pid: int, body: bytes) -> Run:
 
 # One way to start a worker on a free port and wait for /ready: the tests' own.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from helpers import run_worker  # noqa: E402
+from helpers import leading_space, run_worker  # noqa: E402
 
 
 @contextlib.contextmanager

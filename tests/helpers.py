@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
+from mlx_lm.generate import generate, stream_generate
 
 from mlx_flash.demo import DEMO_MODEL_PATH
 
@@ -85,6 +86,24 @@ ARCHS: dict[str, dict[str, Any]] = {
 MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss")
 # A template variable only chat_template_kwargs can set: proves the kwargs reach the template.
 KWARG_TEMPLATE_SUFFIX = "{%- if note is defined %}{{- note }}{%- endif %}"
+
+
+def leading_space(tokenizer: Any, first_token: int) -> str:
+    """ " " when a completion's first token starts with a space. mlx-lm's detokenizers drop that space at
+    the start of a text (right for a chat reply); the server keeps it for a raw completion, which
+    continues its prompt."""
+    piece = tokenizer.convert_ids_to_tokens(first_token)
+    return (
+        " " if isinstance(piece, str) and piece[:1] in ("\u0120", "\u2581") else ""
+    )  # BPE's Ġ, SentencePiece's ▁
+
+
+def continuation(model: Any, tokenizer: Any, prompt: Any, **kwargs: Any) -> str:
+    """mlx_lm.generate's greedy text for a raw prompt, as a completion continues it (`leading_space`)."""
+    text: str = generate(model, tokenizer, prompt, **kwargs)
+    steps = {k: v for k, v in kwargs.items() if k != "max_tokens"}
+    first = next(stream_generate(model, tokenizer, prompt, max_tokens=1, **steps)).token
+    return leading_space(tokenizer, first) + text
 
 
 def build_model(arch: str, path: Path, seed: int = 0, dtype: mx.Dtype = mx.float32, **overrides: Any) -> Path:

@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from mlx_lm import generate, load
+from mlx_lm import load
 
-from helpers import Worker, run_worker
+from helpers import Worker, continuation, run_worker
 from mlx_flash.models.loader import weight_file_bytes
 
 PROMPT = "The quick brown fox"
@@ -32,7 +32,7 @@ def statuses(worker: Worker) -> dict[str, str]:
 
 def reference(path: Path) -> str:
     model, tokenizer = load(str(path))[:2]
-    return generate(model, tokenizer, prompt=PROMPT, max_tokens=12, verbose=False)
+    return continuation(model, tokenizer, PROMPT, max_tokens=12)
 
 
 @pytest.fixture(scope="module")

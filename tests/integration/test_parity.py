@@ -11,7 +11,7 @@ import pytest
 from mlx_lm import generate, load
 from mlx_lm.sample_utils import make_logits_processors
 
-from helpers import Worker, build_model, run_worker
+from helpers import Worker, build_model, continuation, run_worker
 
 PROMPTS = ["Hello there, what is", "What is 12+7?", '{"key": [1, 2', "café 東京 🙂 and"]
 MAX_TOKENS = 40
@@ -25,7 +25,7 @@ def test_greedy_completions_match_mlx_lm_generate(
     model, tokenizer = load(str(model_path[arch]))
     c = openai.OpenAI(base_url=f"{workers[arch].url}/v1", api_key="unused", max_retries=0)
     for prompt in PROMPTS:
-        expected = generate(model, tokenizer, prompt, max_tokens=MAX_TOKENS)
+        expected = continuation(model, tokenizer, prompt, max_tokens=MAX_TOKENS)
         got = c.completions.create(
             model=str(model_path[arch]), prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
         )
@@ -78,7 +78,7 @@ def test_concurrent_requests_in_one_batch_match_their_solo_output(
     """8 different prompts at once (one continuous batch): each equals mlx_lm.generate alone."""
     model, tokenizer = load(str(model_path[arch]))
     prompts = [f"{p} {i}" for i, p in enumerate(PROMPTS * 2)]
-    expected = [generate(model, tokenizer, p, max_tokens=MAX_TOKENS) for p in prompts]
+    expected = [continuation(model, tokenizer, p, max_tokens=MAX_TOKENS) for p in prompts]
 
     def steps_with_company() -> float:
         """Decode steps that ran more than one sequence."""
@@ -108,8 +108,8 @@ def test_kv_bits_output_matches_mlx_lm_generate_with_the_same_quantization(tmp_p
     path = build_model("qwen3", tmp_path / "qwen3-hd32", seed=1, head_dim=32)  # quantized in groups of 32
     model, tokenizer = load(str(path))
     quant = {"kv_bits": 4, "kv_group_size": 32, "quantized_kv_start": 0}
-    expected = [generate(model, tokenizer, p, max_tokens=MAX_TOKENS, **quant) for p in PROMPTS]  # type: ignore[arg-type]
-    plain = [generate(model, tokenizer, p, max_tokens=MAX_TOKENS) for p in PROMPTS]
+    expected = [continuation(model, tokenizer, p, max_tokens=MAX_TOKENS, **quant) for p in PROMPTS]
+    plain = [continuation(model, tokenizer, p, max_tokens=MAX_TOKENS) for p in PROMPTS]
     assert all(expected) and expected != plain  # the quantization is real: it changes the output
     args = ["--kv-bits", "4", "--kv-group-size", "32", "--quantized-kv-start", "0"]
     with run_worker(str(path), tmp_path / "w.log", *args) as w:
@@ -140,11 +140,12 @@ def test_a_prompt_read_while_others_decode_is_paced_and_matches_its_solo_output(
     running = [f"Stream {i}: once upon a time" for i in range(2)]
     long_prompt = " ".join(f"word{i} and" for i in range(150))
     assert len(tokenizer.encode(long_prompt)) > 300
+    processors = make_logits_processors(eos)
     expected_running = [
-        generate(model, tokenizer, p, max_tokens=STREAM_TOKENS, logits_processors=make_logits_processors(eos))
+        continuation(model, tokenizer, p, max_tokens=STREAM_TOKENS, logits_processors=processors)
         for p in running
     ]
-    expected_long = generate(model, tokenizer, long_prompt, max_tokens=MAX_TOKENS)
+    expected_long = continuation(model, tokenizer, long_prompt, max_tokens=MAX_TOKENS)
     with (
         run_worker(path, tmp_path / "w.log", "--prefill-budget", "0.1") as w,
         openai.OpenAI(base_url=f"{w.url}/v1", api_key="unused", max_retries=0) as c,
@@ -177,3 +178,31 @@ def test_a_prompt_read_while_others_decode_is_paced_and_matches_its_solo_output(
     assert got_long.choices[0].text == expected_long
     assert got_running == expected_running
     assert small > 0, "the long prompt was read in large chunks"
+
+
+def test_a_completion_keeps_its_first_tokens_leading_space(demo_worker: Worker) -> None:
+    """A raw completion continues its prompt: " forest" after "Once upon a time" keeps its space, in the
+    text and in the token's logprob item (mlx-lm's detokenizer drops it, as a chat reply should)."""
+    from mlx_flash.demo import DEMO_MODEL_PATH
+
+    tokenizer = load(str(DEMO_MODEL_PATH))[1]
+    [forest] = tokenizer.encode(" forest", add_special_tokens=False)
+    c = openai.OpenAI(base_url=f"{demo_worker.url}/v1", api_key="unused", max_retries=0)
+    bias = {str(forest): 100}
+    got = c.completions.create(
+        model="demo", prompt="Once upon a time", max_tokens=2, temperature=0, logit_bias=bias, logprobs=0
+    )
+    assert got.choices[0].text == " forest forest"
+    assert got.choices[0].logprobs is not None and got.choices[0].logprobs.tokens == [" forest", " forest"]
+    streamed = c.completions.create(
+        model="demo", prompt="Once upon a time", max_tokens=2, temperature=0, logit_bias=bias, stream=True
+    )
+    assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == " forest forest"
+    reply = c.chat.completions.create(
+        model="demo",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=2,
+        temperature=0,
+        logit_bias=bias,
+    )
+    assert reply.choices[0].message.content == "forest forest"

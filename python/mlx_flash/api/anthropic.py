@@ -213,7 +213,7 @@ async def _messages(request: Request, body: dict[str, Any], f: Fields, lease: Le
         stops,
         constraint=masker,
         tools=parsed.tools.request_tools(),
-        split_reasoning=True,
+        reply=True,
     )
     handle = await lease.start(gen, max_tokens_given=True)
     head = {

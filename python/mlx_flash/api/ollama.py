@@ -273,7 +273,7 @@ async def _serve(
             options.stop,
             constraint=masker,
             tools=tools.request_tools(),
-            split_reasoning=not body.get("raw"),
+            reply=not body.get("raw"),
         )
         handle = await lease.start(gen, max_tokens_given=options.max_tokens is not None)
     if seconds is not None:

@@ -243,7 +243,7 @@ async def _create(request: Request, body: dict[str, Any], f: Fields, lease: Leas
     schema = openai_format(text.get("format"), "text.format", nested=False)
     masker = await prepare(engine, tools, await constraint(engine, schema, "text.format"))
     gen = GenerationRequest(
-        prompt, limit, sampling, constraint=masker, tools=tools.request_tools(), split_reasoning=True
+        prompt, limit, sampling, constraint=masker, tools=tools.request_tools(), reply=True
     )
     handle = await lease.start(gen, max_tokens_given=max_tokens is not None)
     draft = Draft(body, f, engine.loaded.id, previous)

@@ -21,6 +21,7 @@ import mlx.core as mx
 from mlx_lm.generate import DEFAULT_QUANTIZED_KV_START, BatchGenerator, GenerationBatch, generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import LogitsProcessor, Sampler, make_logits_processors, make_sampler
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer, StreamingDetokenizer
 
 from mlx_flash import logging as json_logging
 from mlx_flash import metrics
@@ -351,6 +352,15 @@ def _logits_processors(req: GenerationRequest) -> list[LogitsProcessor]:
     return [*processors, req.constraint] if req.constraint else processors
 
 
+def keep_leading_space(detokenizer: StreamingDetokenizer) -> None:
+    """Keep the first token's leading space in the text: mlx-lm's BPE and SentencePiece detokenizers drop
+    it, as is right at the start of a reply, but a completion continues its prompt ("Once upon a time" +
+    " forest"). They drop it only while their text is empty, so the text starts with a character that no
+    segment returns."""
+    if isinstance(detokenizer, BPEStreamingDetokenizer | SPMStreamingDetokenizer):
+        detokenizer.text, detokenizer.offset = "\0", 1
+
+
 class _Stream:
     """One request in the batch: detokenizes its tokens, applies stop strings, emits events."""
 
@@ -369,11 +379,13 @@ class _Stream:
         self._running = metrics.REQUESTS_RUNNING.labels(model=model_id)
         self._running.inc()
         self._detokenizer = engine.loaded.tokenizer.detokenizer
+        if not handle.request.reply:
+            keep_leading_space(self._detokenizer)
         self._matcher: StopMatcher[TokenLogprob | None] = StopMatcher(handle.request.stop)
         req = handle.request
         tokenizer = engine.loaded.tokenizer
         self._reply = ReplyParser.for_request(
-            tokenizer, req.tools.functions, req.prompt_tokens, req.split_reasoning, req.tools.parallel
+            tokenizer, req.tools.functions, req.prompt_tokens, req.reply, req.tools.parallel
         )
         self._completion = 0
         self._last = 0.0

@@ -45,8 +45,10 @@ class GenerationRequest:
     # Output must match this request's grammar (a JSON schema, a tool call): see engine/constrain.py.
     constraint: Masker | None = None
     tools: Tools = Tools()
-    # A chat reply: a thinking model's reasoning comes as ReasoningDelta events, apart from the text.
-    split_reasoning: bool = False
+    # A reply after a chat template: a thinking model's reasoning comes as ReasoningDelta events, apart
+    # from the text, and a leading space of the first token is dropped (mlx-lm's detokenizers do). Else a
+    # raw completion, which continues its prompt: that space is part of the text.
+    reply: bool = False
 
 
 @dataclass(frozen=True)
