@@ -112,6 +112,7 @@ def test_unknown_model_is_a_not_found_error(client: anthropic.Anthropic) -> None
         ({"max_tokens": 8, "messages": ASK, "stop_sequences": "x"}, "stop_sequences"),
         ({"max_tokens": 8, "messages": [{"role": "user", "content": [{"type": "image"}]}]}, "image"),
         ({"max_tokens": 8, "messages": [*ASK, {"role": "assistant", "content": "4"}]}, "prefilling"),
+        ({"max_tokens": 8, "messages": ASK, "tool_choice": {"type": "any"}}, "tool_choice 'any' needs tools"),
     ],
 )
 def test_bad_fields_are_invalid_request_errors(

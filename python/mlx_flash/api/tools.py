@@ -97,9 +97,10 @@ def _named(tools: tuple[dict[str, Any], ...], name: Any, param: str) -> str:
     return name
 
 
-def _check_choice(spec: ToolSpec, param: str) -> ToolSpec:
+def _check_choice(spec: ToolSpec, param: str, said: str | None = None) -> ToolSpec:
+    """`said`: the choice as the client's API names it, when that is not ours."""
     if spec.choice in ("required", "named") and not spec.tools:
-        raise InvalidRequest(f"{param} {spec.choice!r} needs tools", param=param)
+        raise InvalidRequest(f"{param} {said or repr(spec.choice)} needs tools", param=param)
     return spec
 
 
@@ -174,7 +175,7 @@ def anthropic_tools(body: dict[str, Any]) -> ToolSpec:
         name = _named(spec_tools, choice.get("name"), "tool_choice.name")
         return ToolSpec(spec_tools, "named", name, not disable)
     mapped: Choice = "required" if kind == "any" else kind
-    return _check_choice(ToolSpec(spec_tools, mapped, None, not disable), "tool_choice")
+    return _check_choice(ToolSpec(spec_tools, mapped, None, not disable), "tool_choice", repr(kind))
 
 
 def ollama_tools(body: dict[str, Any]) -> ToolSpec:
