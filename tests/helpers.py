@@ -93,9 +93,8 @@ def leading_space(tokenizer: Any, first_token: int) -> str:
     the start of a text (right for a chat reply); the server keeps it for a raw completion, which
     continues its prompt."""
     piece = tokenizer.convert_ids_to_tokens(first_token)
-    return (
-        " " if isinstance(piece, str) and piece[:1] in ("\u0120", "\u2581") else ""
-    )  # BPE's Ġ, SentencePiece's ▁
+    spaces = ("\u0120", "\u2581")  # a space as byte-level BPE (Ġ) and SentencePiece (▁) write it
+    return " " if isinstance(piece, str) and piece[:1] in spaces else ""
 
 
 def continuation(model: Any, tokenizer: Any, prompt: Any, **kwargs: Any) -> str:
