@@ -36,7 +36,10 @@ pub async fn ready(State(state): State<AppState>) -> Response {
     if state.pool.any_ready() {
         Json(json!({"status": "ready", "models": models})).into_response()
     } else {
-        let body = json!({"status": "loading", "error": null});
+        let body = match state.pool.failures() {
+            Some(error) => json!({"status": "failed", "error": error}),
+            None => json!({"status": "loading", "error": null}),
+        };
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     }
 }
@@ -47,8 +50,11 @@ pub async fn models(State(state): State<AppState>, request: axum::extract::Reque
     let path = request.uri().path().to_owned();
     let ready = state.pool.ready();
     if ready.is_empty() {
-        let kind = ErrorKind::Unavailable("No worker is ready yet; retry shortly.".into());
-        return ApiError::new(&path, kind).into_response();
+        let message = state
+            .pool
+            .failures()
+            .unwrap_or_else(|| "No worker is ready yet; retry shortly.".into());
+        return ApiError::new(&path, ErrorKind::Unavailable(message)).into_response();
     }
     let lists = join_all(ready.iter().map(|b| fetch_models(b))).await;
     let data = merge_models(lists.into_iter().flatten().flatten());

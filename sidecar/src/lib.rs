@@ -318,6 +318,8 @@ pub async fn serve(
         })?;
     let runtime_dir = tempfile::Builder::new()
         .prefix("mlx-flash-")
+        // The workers' sockets live here: private to this user whatever the umask.
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir()
         .map_err(|source| StartError::Io {
             what: "cannot create the runtime directory".into(),

@@ -181,7 +181,11 @@ async fn route_and_forward(
                 ))
             }
             Err(NoBackend::Down) => {
-                return fail(ErrorKind::Unavailable("No worker is available.".into()))
+                let message = state
+                    .pool
+                    .failures()
+                    .unwrap_or_else(|| "No worker is available.".into());
+                return fail(ErrorKind::Unavailable(message));
             }
         };
         let views: Vec<_> = candidates.iter().map(|(_, c)| c.clone()).collect();

@@ -138,6 +138,34 @@ def test_kill_9_mid_stream_errors_fast_and_the_worker_comes_back(
         assert back["pid"] != pid and back["restarts"] == 1 and "exited" in back["last_error"]
 
 
+def test_requested_restarts_are_not_crashes_and_revive_a_failed_worker(tmp_path: Path) -> None:
+    with run_sidecar(tmp_path / "sidecar.log", "--model", "demo", "--max-restarts", "0", workers=1) as s:
+        restart = f"{s.url}/admin/api/workers/worker-0/restart"
+        for n in (1, 2):  # past --max-restarts 0: asked for, so they never count
+            pid = s.workers()[0]["pid"]
+            assert httpx.post(restart, timeout=10).status_code == 202
+            deadline = time.monotonic() + 60
+            while (w := s.workers()[0])["pid"] in (pid, None) or w["state"] != "ready":
+                assert w["state"] != "failed", w
+                assert time.monotonic() < deadline, "the worker did not come back"
+                time.sleep(0.1)
+            assert w["restarts"] == n
+        os.kill(w["pid"], signal.SIGKILL)  # a crash: over --max-restarts 0, so it is given up on
+        deadline = time.monotonic() + 30
+        while s.workers()[0]["state"] != "failed":
+            assert time.monotonic() < deadline, "the crashed worker was not marked failed"
+            time.sleep(0.1)
+        ready = httpx.get(f"{s.url}/ready", timeout=10)
+        assert ready.status_code == 503 and ready.json()["status"] == "failed"
+        assert "worker-0: worker exited" in ready.json()["error"]
+        r = httpx.post(f"{s.url}/v1/chat/completions", json={**CHAT, "max_tokens": 2}, timeout=30)
+        assert r.status_code == 503 and "Every worker failed" in r.json()["error"]["message"]
+        assert httpx.post(restart, timeout=10).status_code == 202  # and a request brings it back
+        s.wait_ready(1, timeout=60)
+        r = httpx.post(f"{s.url}/v1/chat/completions", json={**CHAT, "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200
+
+
 def test_a_hung_worker_is_restarted(tmp_path: Path) -> None:
     with run_sidecar(tmp_path / "sidecar.log", "--model", "demo") as s:
         victim = s.workers()[0]
@@ -158,6 +186,7 @@ def test_shutdown_drains_and_leaves_no_process_behind(tmp_path: Path, model_path
     with run_sidecar(tmp_path / "sidecar.log", "--model", str(model_path["qwen3"])) as s:
         pids = [w["pid"] for w in s.workers()]
         socket_dir = Path(s.workers()[0]["url"].removeprefix("unix:")).parent
+        assert socket_dir.stat().st_mode & 0o777 == 0o700  # private, whatever the umask
         # A stream in flight when the signal arrives still completes (drain), then everything stops.
         model = s.workers()[0]["models"][0]
         body = {"model": model, "prompt": "x", "max_tokens": 400, "stream": True, "logit_bias": NO_EOS}

@@ -89,6 +89,29 @@ impl Pool {
             .any(|b| b.status().state == State::Ready)
     }
 
+    /// When every backend has failed for good: what each last said ("worker-0: ..."), to tell clients.
+    pub fn failures(&self) -> Option<String> {
+        let all_failed = !self.backends.is_empty()
+            && self
+                .backends
+                .iter()
+                .all(|b| b.status().state == State::Failed);
+        all_failed.then(|| {
+            let each: Vec<String> = self
+                .backends
+                .iter()
+                .map(|b| {
+                    let error = b.status().last_error.clone().unwrap_or_default();
+                    format!("{}: {error}", b.id)
+                })
+                .collect();
+            format!(
+                "Every worker failed ({}); see the log, then restart them (POST /admin/api/workers/{{id}}/restart) or the server.",
+                each.join("; ")
+            )
+        })
+    }
+
     /// The backends that are ready now.
     pub fn ready(&self) -> Vec<Arc<Backend>> {
         self.backends

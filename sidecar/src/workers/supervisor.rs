@@ -64,10 +64,10 @@ impl Supervisor {
                 Ok(child) => self.watch(child, &stop).await,
                 Err(e) => Ended::Exited(format!("cannot start worker: {e}")),
             };
-            let reason = match ended {
+            let (reason, crashed) = match ended {
                 Ended::Shutdown => break,
-                Ended::RestartRequested => "restart requested".to_owned(),
-                Ended::Exited(r) | Ended::Hung(r) => r,
+                Ended::RestartRequested => ("restart requested".to_owned(), false),
+                Ended::Exited(r) | Ended::Hung(r) => (r, true),
             };
             self.policy.forget(&self.backend.id);
             self.metrics
@@ -78,8 +78,12 @@ impl Supervisor {
             if started.elapsed() > RESTART_WINDOW {
                 backoff = FIRST_BACKOFF;
             }
+            // A restart someone asked for is not a crash: no back-off, and it never counts towards
+            // --max-restarts.
             recent_restarts.retain(|t| t.elapsed() < RESTART_WINDOW);
-            recent_restarts.push(Instant::now());
+            if crashed {
+                recent_restarts.push(Instant::now());
+            }
             let failed = recent_restarts.len() as u32 > self.settings.flags.max_restarts;
             {
                 let mut status = self.backend.status();
@@ -94,9 +98,19 @@ impl Supervisor {
             }
             if failed {
                 tracing::error!(worker = %self.backend.id, error = %reason,
-                    "worker failed too often; giving up on it");
-                stop.cancelled().await;
-                break;
+                    "worker failed too often; giving up on it until a restart is requested");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = self.backend.restart.notified() => {
+                        tracing::info!(worker = %self.backend.id, "restarting a failed worker");
+                        recent_restarts.clear();
+                        backoff = FIRST_BACKOFF;
+                        continue;
+                    }
+                }
+            }
+            if !crashed {
+                continue;
             }
             tracing::warn!(worker = %self.backend.id, error = %reason,
                 backoff_seconds = backoff.as_secs_f64(), "worker stopped; restarting");
