@@ -39,6 +39,16 @@ impl Guard {
             .map(|s| s.to_string())
             .collect();
         allowed.extend(allowed_hosts.iter().map(|h| h.to_ascii_lowercase()));
+        // The loopback address it is bound to, as a Host names it (an address cannot be rebound).
+        if is_loopback(host) {
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            let named = if bare.contains(':') {
+                format!("[{bare}]")
+            } else {
+                bare.to_owned()
+            };
+            allowed.push(named.to_ascii_lowercase());
+        }
         Guard {
             check_host: api_key.is_none() && is_loopback(host),
             api_key,
@@ -189,6 +199,17 @@ mod tests {
         assert!(g.host_allowed(&headers(&[("host", "MyBox.lan")])));
         assert!(!g.host_allowed(&headers(&[("host", "evil.example:8080")])));
         assert!(!g.host_allowed(&headers(&[])));
+    }
+
+    #[test]
+    fn the_bound_loopback_address_is_an_allowed_host() {
+        let g = Guard::new(None, "127.0.0.2", &[], &[]);
+        assert!(g.host_allowed(&headers(&[("host", "127.0.0.2:8080")])));
+        assert!(g.host_allowed(&headers(&[("host", "localhost:8080")])));
+        assert!(!g.host_allowed(&headers(&[("host", "127.0.0.3:8080")])));
+        assert!(!g.host_allowed(&headers(&[("host", "evil.example:8080")])));
+        let v6 = Guard::new(None, "::1", &[], &[]);
+        assert!(v6.host_allowed(&headers(&[("host", "[::1]:8080")])));
     }
 
     #[test]
