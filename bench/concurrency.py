@@ -224,10 +224,14 @@ async def throughput(
             order = ["ours", "mlx_lm"] if r % 2 == 0 else ["mlx_lm", "ours"]
             got = {k: await level_run(client, eps[k], prompts, args.max_tokens, eos_ids) for k in order}
             # mlx_lm.server drops a first token's leading space (mlx-lm's detokenizer starts a text
-            # without one); ours keeps it in a completion. Compared as continuations of the prompts:
+            # without one); ours keeps it in a completion. Compared as continuations of the prompts (texts
+            # that already agree had no such space):
             peer = {
                 **got["mlx_lm"],
-                "texts": [ref.leading(p) + t for p, t in zip(prompts, got["mlx_lm"]["texts"], strict=True)],
+                "texts": [
+                    t if t == ours else ref.leading(p) + t
+                    for p, t, ours in zip(prompts, got["mlx_lm"]["texts"], got["ours"]["texts"], strict=True)
+                ],
             }
             problems = parity(got["ours"], peer, args.max_tokens)
             checked = arbitrate(ref, prompts, {"ours": got["ours"], "mlx_lm": peer}, args)

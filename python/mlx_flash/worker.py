@@ -64,7 +64,8 @@ log = logging.getLogger("mlx_flash.worker")
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 UNAUTHENTICATED = {"/health", "/ready"}
-# Seconds an idle client connection stays open (the sidecar closes its own after 60).
+# Seconds an idle client connection stays open: longer than the sidecar keeps an idle pooled one (60), so
+# the sidecar closes it first (a worker closing first races the sidecar's next request on it).
 KEEP_ALIVE_S = 75
 # Route -> the API it belongs to (the `api` label); every other route is "other".
 ROUTE_APIS = {
@@ -317,8 +318,6 @@ def run(config: WorkerConfig) -> int:
             create_app(state, stop),
             log_config=None,
             timeout_graceful_shutdown=10,
-            # Longer than the sidecar keeps an idle pooled connection (60 s), so the sidecar is the one
-            # that closes it: a worker closing first races the sidecar's next request on it.
             timeout_keep_alive=KEEP_ALIVE_S,
         )
     )
