@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 from mlx_flash import __version__
 
@@ -48,12 +49,47 @@ def split_worker_args(args: list[str]) -> tuple[list[str], list[str]]:
     return sidecar, workers
 
 
+class _Rejecting(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(message)
+
+
+def check_worker_args(sidecar: list[str], workers: list[str]) -> None:
+    """What would fail every worker at once, raised here before anything starts (ValueError or
+    OSError): a flag a worker rejects, an unreadable --aliases file, a model directory not there."""
+    from mlx_flash import worker
+    from mlx_flash.models.loader import is_hub_id, resolve
+    from mlx_flash.models.registry import Registry
+
+    first = os.environ.get("MLX_FLASH_MODEL") or "demo"  # the sidecar's --model, as it reads it
+    for i, arg in enumerate(sidecar):
+        if arg.startswith("--model="):
+            first = arg.partition("=")[2]
+        elif arg == "--model" and i + 1 < len(sidecar):
+            first = sidecar[i + 1]
+    p = _Rejecting(add_help=False, allow_abbrev=False)
+    worker.add_worker_flags(p)
+    config = worker.config_from(p.parse_args(["--model", first, *workers]))
+    config.validate()
+    registry = Registry(list(config.startup_models), config.aliases)
+    for name in config.startup_models:
+        target = registry.find(name).target
+        if not is_hub_id(target):  # a hub id may still be downloaded
+            resolve(target, download=False)
+
+
 def serve(args: list[str]) -> int:
     """Run the sidecar; workers are started with this interpreter unless told otherwise."""
     from mlx_flash import _native
 
     os.environ.setdefault("MLX_FLASH_PYTHON", sys.executable)
     sidecar, workers = split_worker_args(args)
+    if not {"-h", "--help", "-V", "--version"} & set(sidecar):
+        try:
+            check_worker_args(sidecar, workers)
+        except (ValueError, OSError) as e:
+            print(f"mlx-flash: error: {e}", file=sys.stderr)  # noqa: T201 - user-facing
+            return 2
     try:
         return _native.serve([*sidecar, "--", *workers] if workers else sidecar)
     except KeyboardInterrupt:

@@ -128,6 +128,9 @@ struct ConfigFile {
     backend: Vec<BackendConfig>,
 }
 
+/// Most local workers one sidecar starts.
+pub const MAX_WORKERS: usize = 64;
+
 /// The validated configuration the server runs with.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -208,6 +211,11 @@ impl Config {
         if workers == 0 && backends.is_empty() {
             return invalid("nothing to serve: --workers 0 and no --backend".into());
         }
+        if workers > MAX_WORKERS {
+            return invalid(format!(
+                "--workers {workers} is more than {MAX_WORKERS}: each worker is a process holding its own models"
+            ));
+        }
         let grace_period = Duration::from_secs_f64(self.grace_period);
         Ok(Settings {
             flags: self,
@@ -250,6 +258,8 @@ mod tests {
         let s = parse(&["--backend", "http://mac2.local:8080"]).unwrap();
         assert_eq!((s.workers, s.backends.len()), (0, 1));
         assert!(parse(&["--workers", "0"]).is_err());
+        assert_eq!(parse(&["--workers", "64"]).unwrap().workers, 64);
+        assert!(parse(&["--workers", "65"]).is_err());
     }
 
     #[test]

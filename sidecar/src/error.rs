@@ -19,6 +19,9 @@ pub enum StartError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// Every local worker failed before any was ready: there is nothing to serve.
+    #[error("no worker could start ({0}); stopping")]
+    NoWorker(String),
 }
 
 impl StartError {
@@ -26,7 +29,7 @@ impl StartError {
     pub fn exit_code(&self) -> i32 {
         match self {
             StartError::Config(_) => 2,
-            StartError::Io { .. } => 1,
+            StartError::Io { .. } | StartError::NoWorker(_) => 1,
         }
     }
 }

@@ -195,7 +195,12 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> i32 {
                 what: "cannot start the async runtime".into(),
                 source,
             })?;
-        runtime.block_on(serve(settings, shutdown_signals()))
+        // Signals are caught from here on: one during a long start-up still stops the workers.
+        let signals = {
+            let _runtime = runtime.enter();
+            shutdown_signals()
+        };
+        runtime.block_on(serve(settings, signals))
     });
     match result {
         Ok(()) => 0,
@@ -207,26 +212,32 @@ pub fn main_with_args(args: impl IntoIterator<Item = OsString>) -> i32 {
 }
 
 /// Resolves on the first SIGINT or SIGTERM.
-async fn shutdown_signals() {
-    let ctrl_c = tokio::signal::ctrl_c();
+fn shutdown_signals() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
+        // Registered now, not when first awaited.
+        let interrupt = signal(SignalKind::interrupt());
+        let terminate = signal(SignalKind::terminate());
+        async move {
+            match (interrupt, terminate) {
+                (Ok(mut interrupt), Ok(mut terminate)) => {
+                    tokio::select! {
+                        _ = interrupt.recv() => {}
+                        _ = terminate.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
@@ -345,6 +356,12 @@ pub async fn serve(
 
     let stop_workers = CancellationToken::new();
     let tasks = watch_backends(&state, &stop_workers);
+    let no_worker = state.settings.backends.is_empty().then(|| {
+        tokio::spawn(stop_if_none_starts(
+            state.pool.clone(),
+            state.shutdown.clone(),
+        ))
+    });
 
     let shutdown = state.shutdown.clone();
     tokio::spawn({
@@ -394,5 +411,30 @@ pub async fn serve(
     }
     drop(runtime_dir);
     tracing::info!("stopped");
-    Ok(())
+    match no_worker {
+        Some(task) => match task.await {
+            Ok(Some(errors)) => Err(StartError::NoWorker(errors)),
+            _ => Ok(()),
+        },
+        None => Ok(()),
+    }
+}
+
+/// With only local workers: if every one fails for good before any was ready, nothing can be
+/// served (a model that does not load, a flag the workers reject), so stop and say why.
+async fn stop_if_none_starts(pool: Arc<Pool>, shutdown: CancellationToken) -> Option<String> {
+    loop {
+        if pool.any_ready() {
+            return None;
+        }
+        if let Some(errors) = pool.last_errors() {
+            tracing::error!(errors = %errors, "no worker could start; stopping");
+            shutdown.cancel();
+            return Some(errors);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+        }
+    }
 }

@@ -144,8 +144,9 @@ pub fn always(msg: &str, fields: Value) {
 }
 
 /// One line of a worker's output: its JSON log line (tagged with `worker`), or, for anything else
-/// it printed (a crash trace, a library's warning), a line holding that text.
-pub fn worker_line(worker: &str, line: &str) {
+/// it printed (a crash trace, a library's warning), a line holding that text. An error line is
+/// also returned, as "msg: error", to say why the worker stopped if it does.
+pub fn worker_line(worker: &str, line: &str) -> Option<String> {
     let mut entry = match serde_json::from_str::<Value>(line) {
         Ok(Value::Object(fields)) if fields.contains_key("msg") => fields,
         _ => head(Severity::Info, "worker.output", line),
@@ -156,9 +157,17 @@ pub fn worker_line(worker: &str, line: &str) {
         .and_then(Value::as_str)
         .and_then(Severity::parse)
         .unwrap_or(Severity::Info);
+    let error = (level == Severity::Error).then(|| {
+        let text = |key: &str| entry.get(key).and_then(Value::as_str).unwrap_or_default();
+        match text("error") {
+            "" => text("msg").to_owned(),
+            error => format!("{}: {error}", text("msg")),
+        }
+    });
     if enabled(level) {
         emit(entry);
     }
+    error
 }
 
 fn head(level: Severity, component: &str, msg: &str) -> Map<String, Value> {
@@ -551,5 +560,23 @@ mod tests {
         let (none, later) = recent(next, 10, Severity::Debug, None);
         assert!(none.is_empty());
         assert_eq!(later, next);
+        // An error line is also handed back, to say why a worker stopped.
+        let failed =
+            json!({"level": "error", "msg": "model failed to load", "error": "no weights"});
+        let said = worker_line("worker-0", &failed.to_string());
+        assert_eq!(said.as_deref(), Some("model failed to load: no weights"));
+        let plain = json!({"level": "error", "msg": "generation failed"});
+        assert_eq!(
+            worker_line("worker-0", &plain.to_string()).as_deref(),
+            Some("generation failed")
+        );
+        assert_eq!(
+            worker_line("worker-0", r#"{"level": "info", "msg": "ready"}"#),
+            None
+        );
+        assert_eq!(
+            worker_line("worker-0", "Traceback (most recent call last):"),
+            None
+        );
     }
 }

@@ -17,7 +17,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import Sidecar, alive, run_sidecar
+from helpers import Sidecar, alive, mlx_flash_command, run_sidecar
 
 # Bans the end-of-turn token, so a random-weight model's stream runs to max_tokens.
 NO_EOS = {"2": -100}
@@ -136,6 +136,24 @@ def test_kill_9_mid_stream_errors_fast_and_the_worker_comes_back(
         s.wait_ready(2, timeout=60)
         back = next(w for w in s.workers() if w["id"] == victim)
         assert back["pid"] != pid and back["restarts"] == 1 and "exited" in back["last_error"]
+
+
+def test_serve_stops_and_says_why_when_no_worker_can_start(tmp_path: Path) -> None:
+    serve = [*mlx_flash_command(), "serve", "--port", "0"]
+    # Refused before anything starts: a worker flag every worker would reject.
+    r = subprocess.run([*serve, "--kv-bits", "99"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--kv-bits must be" in r.stderr and "Traceback" not in r.stderr
+    # A model directory that is there but does not load: the workers fail, then the server stops.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    r = subprocess.run(
+        [*serve, "--model", str(broken), "--max-restarts", "1"], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("mlx-flash: error: no worker could start (worker-0: worker exited"), last
+    assert "No safetensors found" in last  # the worker's own words for why
 
 
 def test_requested_restarts_are_not_crashes_and_revive_a_failed_worker(tmp_path: Path) -> None:

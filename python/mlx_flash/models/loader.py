@@ -68,7 +68,10 @@ def resolve(name: str, download: bool = True) -> Path:
     if path.is_dir():
         return path
     if not is_hub_id(name):
-        raise FileNotFoundError(f"model directory not found: {name}")
+        raise FileNotFoundError(
+            f"model directory not found: {name} (a model is 'demo', an alias, a local mlx-lm directory "
+            "or a Hugging Face repo id, owner/name)"
+        )
     cached = cached_snapshot(name)
     if cached is not None:
         return cached

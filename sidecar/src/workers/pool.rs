@@ -91,6 +91,15 @@ impl Pool {
 
     /// When every backend has failed for good: what each last said ("worker-0: ..."), to tell clients.
     pub fn failures(&self) -> Option<String> {
+        self.last_errors().map(|each| {
+            format!(
+                "Every worker failed ({each}); see the log, then restart them (POST /admin/api/workers/{{id}}/restart) or the server."
+            )
+        })
+    }
+
+    /// When every backend has failed for good: "worker-0: its last error; worker-1: ...".
+    pub fn last_errors(&self) -> Option<String> {
         let all_failed = !self.backends.is_empty()
             && self
                 .backends
@@ -105,10 +114,7 @@ impl Pool {
                     format!("{}: {error}", b.id)
                 })
                 .collect();
-            format!(
-                "Every worker failed ({}); see the log, then restart them (POST /admin/api/workers/{{id}}/restart) or the server.",
-                each.join("; ")
-            )
+            each.join("; ")
         })
     }
 

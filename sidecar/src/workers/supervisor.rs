@@ -11,6 +11,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::backend::{Backend, Location, Probe, State};
@@ -32,6 +33,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const RESTART_WINDOW: Duration = Duration::from_secs(600);
 /// Time a worker gets to exit after SIGTERM before SIGKILL.
 const TERM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time to read what an exited worker printed last.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
+/// An error logged this soon before a worker exited says why it did.
+const LAST_WORDS: Duration = Duration::from_secs(5);
 
 /// Everything a supervisor needs.
 pub struct Supervisor {
@@ -44,6 +49,15 @@ pub struct Supervisor {
     /// Restart counter.
     pub metrics: Arc<Metrics>,
 }
+
+/// One life of a worker: its process, and the tasks forwarding its output.
+struct Life {
+    child: Child,
+    output: Vec<JoinHandle<Option<Logged>>>,
+}
+
+/// An error line a worker logged, and when.
+type Logged = (Instant, String);
 
 /// Why one life of a worker ended.
 enum Ended {
@@ -61,7 +75,7 @@ impl Supervisor {
         loop {
             let started = Instant::now();
             let ended = match self.spawn() {
-                Ok(child) => self.watch(child, &stop).await,
+                Ok(life) => self.watch(life, &stop).await,
                 Err(e) => Ended::Exited(format!("cannot start worker: {e}")),
             };
             let (reason, crashed) = match ended {
@@ -125,7 +139,7 @@ impl Supervisor {
         status.pid = None;
     }
 
-    fn spawn(&self) -> std::io::Result<Child> {
+    fn spawn(&self) -> std::io::Result<Life> {
         let Location::Local { socket, .. } = &self.backend.location else {
             return Err(std::io::Error::other("not a local worker"));
         };
@@ -138,17 +152,29 @@ impl Supervisor {
             status.pid = pid;
             status.state = State::Starting;
         }
+        let mut output = Vec::new();
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(forward_output(self.backend.id.clone(), out));
+            output.push(tokio::spawn(forward_output(self.backend.id.clone(), out)));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(forward_output(self.backend.id.clone(), err));
+            output.push(tokio::spawn(forward_output(self.backend.id.clone(), err)));
         }
-        Ok(child)
+        Ok(Life { child, output })
     }
 
     /// Watch one life of the worker: exit, hang, restart request, or shutdown.
-    async fn watch(&self, mut child: Child, stop: &CancellationToken) -> Ended {
+    async fn watch(&self, life: Life, stop: &CancellationToken) -> Ended {
+        let Life { mut child, output } = life;
+        match self.watch_child(&mut child, stop).await {
+            Ended::Exited(how) => Ended::Exited(match last_error(output).await {
+                Some(error) => format!("{how}: {error}"),
+                None => how,
+            }),
+            ended => ended,
+        }
+    }
+
+    async fn watch_child(&self, child: &mut Child, stop: &CancellationToken) -> Ended {
         // Since the last answer (or the spawn).
         let mut silent_since = Instant::now();
         let mut answered = false;
@@ -164,11 +190,11 @@ impl Supervisor {
                     return Ended::Exited(how);
                 }
                 _ = stop.cancelled() => {
-                    terminate(&mut child).await;
+                    terminate(child).await;
                     return Ended::Shutdown;
                 }
                 _ = self.backend.restart.notified() => {
-                    terminate(&mut child).await;
+                    terminate(child).await;
                     return Ended::RestartRequested;
                 }
                 _ = tokio::time::sleep(PING_INTERVAL) => {}
@@ -193,11 +219,11 @@ impl Supervisor {
                     // held to the ping count.
                     let serving = self.backend.status().state != State::Loading;
                     if answered && serving && missed >= MISSED_PINGS {
-                        kill_group(&mut child).await;
+                        kill_group(child).await;
                         return Ended::Hung(format!("worker stopped answering: {e}"));
                     }
                     if (!answered || !serving) && silent_since.elapsed() > STARTUP_TIMEOUT {
-                        kill_group(&mut child).await;
+                        kill_group(child).await;
                         return Ended::Hung(format!(
                             "worker did not answer within {STARTUP_TIMEOUT:?}: {e}"
                         ));
@@ -288,11 +314,31 @@ async fn kill_group(child: &mut Child) {
 }
 
 /// Copy a worker's output into our log, one line at a time, tagged with the worker's id.
-async fn forward_output(worker: Arc<str>, stream: impl AsyncRead + Unpin) {
+/// Forward a worker's output into our log until it closes; the last error line it logged, and when.
+async fn forward_output(worker: Arc<str>, stream: impl AsyncRead + Unpin) -> Option<Logged> {
     let mut lines = BufReader::new(stream).lines();
+    let mut error = None;
     while let Ok(Some(line)) = lines.next_line().await {
-        crate::logging::worker_line(&worker, &line);
+        if let Some(e) = crate::logging::worker_line(&worker, &line) {
+            error = Some((Instant::now(), e));
+        }
     }
+    error
+}
+
+/// Why an exited worker stopped, in its words: an error it logged just before (its output read to
+/// the end, or for at most [`OUTPUT_DRAIN`]); an older one may be about some request.
+async fn last_error(output: Vec<JoinHandle<Option<Logged>>>) -> Option<String> {
+    let mut last: Option<Logged> = None;
+    for task in output {
+        if let Ok(Ok(Some(logged))) = tokio::time::timeout(OUTPUT_DRAIN, task).await {
+            if last.as_ref().is_none_or(|(at, _)| logged.0 > *at) {
+                last = Some(logged);
+            }
+        }
+    }
+    last.filter(|(at, _)| at.elapsed() < LAST_WORDS)
+        .map(|(_, e)| e)
 }
 
 /// Remove a stale socket file (a previous run's) so the worker can bind.
