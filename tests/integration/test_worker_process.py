@@ -63,9 +63,15 @@ def test_api_key_is_required_when_set(keyed_worker: Worker) -> None:
         == 401
     )
     assert httpx.get(f"{url}/v1/models", headers={"x-api-key": "s3cret"}, timeout=10).status_code == 200
+    # The scheme is case-insensitive, and either header may carry the key.
+    for headers in (
+        {"Authorization": "bearer s3cret"},
+        {"Authorization": "Bearer s3cret", "x-api-key": "old"},
+    ):
+        assert httpx.get(f"{url}/v1/models", headers=headers, timeout=10).status_code == 200, headers
     assert httpx.get(f"{url}/health", timeout=10).status_code == 200  # liveness needs no key
-    c = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
-    assert c.models.list().data[0].id == "demo"
+    with openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0) as c:
+        assert c.models.list().data[0].id == "demo"
     assert "s3cret" not in keyed_worker.log()
 
 
