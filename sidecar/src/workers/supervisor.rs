@@ -313,8 +313,8 @@ async fn kill_group(child: &mut Child) {
     let _ = child.kill().await;
 }
 
-/// Copy a worker's output into our log, one line at a time, tagged with the worker's id.
-/// Forward a worker's output into our log until it closes; the last error line it logged, and when.
+/// Copy a worker's output into our log, one line at a time, tagged with the worker's id, until it
+/// closes; the last error line it logged, and when.
 async fn forward_output(worker: Arc<str>, stream: impl AsyncRead + Unpin) -> Option<Logged> {
     let mut lines = BufReader::new(stream).lines();
     let mut error = None;
