@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -10,6 +13,7 @@ import pytest
 from mlx_lm import generate, load
 
 from helpers import Worker, run_worker
+from mlx_flash.engine.disk_cache import model_key
 
 SYSTEM = "You are a careful assistant. " * 12
 
@@ -134,7 +138,7 @@ def test_corrupt_partial_and_foreign_files_are_dropped_not_used(
 ) -> None:
     name, root = str(model_path["qwen3"]), tmp_path / "kv"
     model, tokenizer = load(name)
-    prompts = [f"Document number {i} that will be damaged on disk. " * 6 for i in range(2)]
+    prompts = [f"Document number {i} that will be damaged on disk. " * 6 for i in range(3)]
     flags = ("--prefix-cache-dir", str(root))
     with (
         run_worker(name, tmp_path / "first.log", *flags) as worker,
@@ -142,13 +146,25 @@ def test_corrupt_partial_and_foreign_files_are_dropped_not_used(
     ):
         for p in prompts:
             c.completions.create(model=name, prompt=p, max_tokens=4, temperature=0)
-        truncated, garbled = _wait_for_entries(root, 2)
+        truncated, garbled, flipped = _wait_for_entries(root, 3)
     truncated.write_bytes(truncated.read_bytes()[:100])  # a write cut short
     garbled.write_bytes(b"\x00" * garbled.stat().st_size)  # right size, wrong bytes
+    data = bytearray(flipped.read_bytes())  # a valid file whose KV bytes changed
+    for i in range(len(data) - 400, len(data), 2):
+        data[i] ^= 0x55
+    flipped.write_bytes(bytes(data))
     (truncated.parent / ".half-written.tmp.safetensors").write_bytes(b"partial")
     old_version = root / "v0" / "model"
     old_version.mkdir(parents=True)
     (old_version / "entry.safetensors").write_bytes(b"old")
+    # Not ours, though named like it: a directory given by mistake keeps them.
+    for mine in (
+        root / "vacation" / "photo.jpg",
+        root / "v7" / "notes.txt",
+        truncated.parent / "x.json" / "y",
+    ):
+        mine.parent.mkdir(parents=True)
+        mine.write_text("keep")
     with (
         run_worker(name, tmp_path / "second.log", *flags) as worker,
         openai.OpenAI(base_url=f"{worker.url}/v1", api_key="unused", max_retries=0) as c,
@@ -158,7 +174,23 @@ def test_corrupt_partial_and_foreign_files_are_dropped_not_used(
             r = c.completions.create(model=name, prompt=follow_up, max_tokens=12, temperature=0)
             assert r.choices[0].text == generate(model, tokenizer, follow_up, max_tokens=12)
         log = worker.log()
-    assert not truncated.exists() and not garbled.exists()
+    assert not truncated.exists() and not garbled.exists() and not flipped.exists()
+    assert (root / "vacation" / "photo.jpg").exists() and (root / "v7" / "notes.txt").exists()
+    assert (truncated.parent / "x.json" / "y").exists()
     assert not (truncated.parent / ".half-written.tmp.safetensors").exists()
     assert not old_version.parent.exists()
     assert "dropping" in log and "Traceback" not in log
+
+
+def test_weights_rewritten_in_place_make_another_model_key(
+    tmp_path: Path, model_path: dict[str, Path]
+) -> None:
+    copy = tmp_path / "model"
+    shutil.copytree(model_path["qwen3"], copy)
+    config = json.loads((copy / "config.json").read_text())
+    before = model_key(copy, config)
+    assert model_key(copy, config) == before
+    weights = next(copy.glob("*.safetensors"))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same size, new bytes
+    assert model_key(copy, config) != before

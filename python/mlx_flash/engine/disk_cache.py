@@ -2,9 +2,13 @@
 restarts.
 
 Layout: `<dir>/v<FORMAT>/<model digest>/<entry>.safetensors` (mlx-lm's `save_prompt_cache` format)
-beside `<entry>.json` (format, model key, tokens, size), which is what start-up reads. Files are
-written under a temporary name and renamed, so a crash leaves no partial entry; anything partial,
-corrupt, foreign or of another format version is logged, skipped and deleted. Writes happen on a
+beside `<entry>.json` (format, model key, tokens, size, BLAKE2 digest of the data file), which is
+what start-up reads; the digest is checked before an entry is used, so damaged bytes cost a miss,
+never different output. The model key covers the weight files' sizes and modification times, so
+weights replaced in place do not reuse the old model's KV. Files are written under a temporary name
+and renamed, so a crash leaves no partial entry; anything partial, corrupt, foreign or of another
+format version is logged, skipped and deleted (only files of this layout are ever removed: a
+directory given by mistake keeps what else it holds). Writes happen on a
 background thread so decoding never waits for the disk; eviction is least recently used under a
 byte budget.
 """
@@ -17,6 +21,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -36,7 +41,7 @@ from mlx_flash import metrics
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Shorter prefixes are cheap to recompute and not worth a file.
 MIN_TOKENS = 32
 # Finished requests waiting to be written; beyond this, new ones are dropped (the RAM tier has them).
@@ -48,13 +53,22 @@ class _Entry:
     name: str
     tokens: tuple[int, ...]
     nbytes: int
+    digest: str
     used: float
 
 
-def model_key(path: Path, config: dict[str, Any], weight_bytes: int) -> str:
-    """What identifies a model's KV: where its weights are, its config, and their size."""
+def model_key(path: Path, config: dict[str, Any]) -> str:
+    """What identifies a model's KV: where its weights are, its config, and the weight files (names,
+    sizes, modification times: weights rewritten in place make another model)."""
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-    return f"{path.resolve()}|{digest}|{weight_bytes}"
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.glob("*.safetensors"))
+    weights = hashlib.sha256(repr(files).encode()).hexdigest()
+    return f"{path.resolve()}|{digest}|{weights}"
+
+
+def file_digest(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "blake2b").hexdigest()
 
 
 class DiskCache:
@@ -91,8 +105,10 @@ class DiskCache:
             return None, 0
         n, entry = best
         try:
-            path = str(self.dir / f"{entry.name}.safetensors")
-            cache, meta = load_prompt_cache(path, return_metadata=True)  # type: ignore[no-untyped-call]
+            path = self.dir / f"{entry.name}.safetensors"
+            if file_digest(path) != entry.digest:
+                raise ValueError("its data does not match its digest")
+            cache, meta = load_prompt_cache(str(path), return_metadata=True)  # type: ignore[no-untyped-call]
             if meta.get("model") != self.key or json.loads(meta["tokens"]) != list(entry.tokens):
                 raise ValueError("entry does not match its index")
             if n < len(entry.tokens):
@@ -147,14 +163,21 @@ class DiskCache:
         tmp = self.dir / f".{name}.tmp.safetensors"
         final = self.dir / f"{name}.safetensors"
         save_prompt_cache(str(tmp), cache, {"model": self.key, "tokens": json.dumps(list(tokens))})
+        digest = file_digest(tmp)
         os.replace(tmp, final)
         nbytes = final.stat().st_size
-        index = {"format": FORMAT_VERSION, "model": self.key, "tokens": list(tokens), "nbytes": nbytes}
+        index = {
+            "format": FORMAT_VERSION,
+            "model": self.key,
+            "tokens": list(tokens),
+            "nbytes": nbytes,
+            "digest": digest,
+        }
         tmp_index = self.dir / f".{name}.json.tmp"
         tmp_index.write_text(json.dumps(index))
         os.replace(tmp_index, self.dir / f"{name}.json")
         with self._lock:
-            self._entries[name] = _Entry(name, tokens, nbytes, time.time())
+            self._entries[name] = _Entry(name, tokens, nbytes, digest, time.time())
         self._evict()
 
     def _evict(self) -> None:
@@ -172,10 +195,14 @@ class DiskCache:
 
     def _scan(self) -> None:
         for path in self.dir.iterdir():
-            if path.name.startswith("."):  # a write that never finished
+            if not path.is_file():
+                log.warning("ignoring a foreign entry in the prefix cache", extra={"path": str(path)})
+            elif path.name.startswith("."):  # a write that never finished
                 path.unlink(missing_ok=True)
         for index in self.dir.glob("*.json"):
             name = index.stem
+            if not index.is_file():
+                continue
             try:
                 meta = json.loads(index.read_text())
                 ok = (
@@ -186,13 +213,14 @@ class DiskCache:
                 if not ok:
                     raise ValueError("format, model or size differs")
                 tokens = tuple(int(t) for t in meta["tokens"])
+                digest = str(meta["digest"])
             except Exception as e:
                 log.warning("dropping invalid prefix cache entry", extra={"entry": name, "error": str(e)})
                 self._remove(name)
                 continue
-            self._entries[name] = _Entry(name, tokens, int(meta["nbytes"]), index.stat().st_mtime)
+            self._entries[name] = _Entry(name, tokens, int(meta["nbytes"]), digest, index.stat().st_mtime)
         for data in self.dir.glob("*.safetensors"):
-            if data.stem not in self._entries:  # no index: written by a crash mid-entry
+            if data.stem not in self._entries and data.is_file():  # no index: a crash mid-entry
                 data.unlink(missing_ok=True)
         log.info("prefix cache on disk", extra={"dir": str(self.dir), "entries": len(self._entries)})
         self._evict()
@@ -201,15 +229,32 @@ class DiskCache:
         with self._lock:
             self._entries.pop(name, None)
         for suffix in (".json", ".safetensors"):
-            (self.dir / f"{name}{suffix}").unlink(missing_ok=True)
+            path = self.dir / f"{name}{suffix}"
+            if path.is_file():
+                path.unlink(missing_ok=True)
 
     def _forget_other_versions(self, root: Path) -> None:
+        """Remove `v<N>` directories of another format version: only ones laid out as ours
+        (model directories holding entry files), never anything else `root` holds."""
         if not root.is_dir():
             return
         for path in root.iterdir():
-            if path.is_dir() and path.name.startswith("v") and path.name != f"v{FORMAT_VERSION}":
+            if path.name != f"v{FORMAT_VERSION}" and re.fullmatch(r"v\d+", path.name) and _our_layout(path):
                 log.warning("removing prefix cache of another format version", extra={"dir": str(path)})
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def _our_layout(version_dir: Path) -> bool:
+    """A format-version directory as this module writes them: directories of entry files only."""
+    if not version_dir.is_dir() or version_dir.is_symlink():
+        return False
+    for model_dir in version_dir.iterdir():
+        if not model_dir.is_dir() or model_dir.is_symlink():
+            return False
+        for f in model_dir.iterdir():
+            if not (f.is_file() and f.name.endswith((".json", ".safetensors", ".json.tmp"))):
+                return False
+    return True
 
 
 def _common_prefix(a: tuple[int, ...], b: list[int]) -> int:

@@ -266,7 +266,7 @@ class Scheduler:
             root = Path(self.config.prefix_cache_dir)
             if self.config.worker_id:  # workers of one host each keep their own tier
                 root = root / self.config.worker_id
-            key = model_key(loaded.path, loaded.config, loaded.weight_bytes)
+            key = model_key(loaded.path, loaded.config)
             disk = DiskCache(root, key, self.config.prefix_cache_disk_bytes, loaded.id)
         return PrefixCache(loaded.id, self._prefix_budget, disk)
 
