@@ -354,7 +354,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--memory-limit",
         default=env_default("MEMORY_LIMIT", None),
         help="ceiling for weights, prefix caches and KV: bytes, 12G, 512M, or a share like 60%% "
-        f"(default {DEFAULT_MEMORY_FRACTION:.0%} of memory, split between the host's workers)",
+        f"(default {DEFAULT_MEMORY_FRACTION * 100:.0f}%% of memory, split between the host's workers)",
     )
     p.add_argument(
         "--idle-ttl",

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_flash.cli import check_worker_args, split_worker_args
+from mlx_flash.cli import check_worker_args, main, split_worker_args
 
 
 def test_engine_flags_and_extra_models_go_to_the_workers() -> None:
@@ -36,3 +36,10 @@ def test_flags_and_models_every_worker_would_reject_are_refused_up_front(tmp_pat
     for message, (sidecar, workers) in refused.items():
         with pytest.raises((ValueError, OSError), match=message):
             check_worker_args(sidecar, workers)
+
+
+@pytest.mark.parametrize("command", ["worker", "fit", "browse", "chat", "mcp", "experts"])
+def test_every_command_prints_its_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0 and "usage:" in capsys.readouterr().out
