@@ -137,3 +137,26 @@ def test_checkpoints_not_saved_by_mlx_lm_are_refused(tmp_path: Path) -> None:
         ExpertStreamer(model, tmp_path / "dense", "moe")  # its files lack the stacked experts
     with pytest.raises(ValueError, match="no mlx-lm expert layers"):
         ExpertStreamer(dense, tmp_path / "dense", "dense")
+
+
+def test_a_failed_read_leaves_the_pools_consistent(tmp_path: Path) -> None:
+    path = quantize_checkpoint(build_model("qwen3_moe", tmp_path / "moe"))
+    model, tokenizer = load(str(path))
+    want = greedy(model, tokenizer)
+    model, tokenizer, streamer = streamed(path, 2)
+    with streamer:
+        read, calls = streamer.store.read, [0]
+
+        def failing_once(names: Any, experts: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == 3:
+                raise OSError("a read error")
+            return read(names, experts)
+
+        streamer.store.read = failing_once  # type: ignore[method-assign]
+        with pytest.raises(OSError, match="a read error"):
+            greedy(model, tokenizer)
+        for pool in streamer.pools:  # every expert the policy holds has a slot
+            assert all(pool.slot_of[e] >= 0 for e in pool.policy.resident)
+            assert len(pool.free) + len(pool.policy.resident) == pool.capacity
+        assert greedy(model, tokenizer) == want

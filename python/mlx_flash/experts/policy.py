@@ -73,6 +73,12 @@ class Policy:
             evicted.append(victim)
         return evicted
 
+    def drop(self, experts: Iterable[int]) -> None:
+        """Experts that could not be loaded after `access` admitted them: not resident after all."""
+        for e in experts:
+            self.resident.discard(e)
+            self._forget(e)
+
     def _victim(self, candidates: set[int]) -> int:
         raise NotImplementedError
 

@@ -146,7 +146,15 @@ class ExpertPool:
             return
         slots = [self.free.pop() for _ in outcome.misses]
         started = time.perf_counter()
-        data = self.store.read([a.tensor for a in self.arrays], outcome.misses)
+        try:
+            data = self.store.read([a.tensor for a in self.arrays], outcome.misses)
+        except BaseException:
+            # Nothing was loaded: the misses are not resident, their slots are free again (and the
+            # victims' stay free), so a later pass reads them instead of computing with a stale slot.
+            self.policy.drop(outcome.misses)
+            self.free.extend(slots)
+            self.lookup = mx.array(self.slot_of)
+            raise
         c.read_seconds += time.perf_counter() - started
         c.bytes_read += len(outcome.misses) * self.expert_bytes
         for a in self.arrays:
