@@ -3,8 +3,10 @@ idle TTL, aliases, and the admin API; outputs stay equal to mlx_lm.generate acro
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -60,6 +62,44 @@ def test_models_swap_under_a_memory_limit_and_outputs_match_mlx_lm(
         listed = httpx.get(f"{w.url}/v1/models", timeout=10).json()["data"]
         assert {m["id"]: m["status"] for m in listed} == {a: "loaded", b: "available"}
         assert '"msg":"unloading model"' in w.log() and '"reason":"lru"' in w.log()
+
+
+def test_requests_queued_for_a_loaded_model_do_not_wait_behind_a_load_that_needs_it_gone(
+    two_models: tuple[str, str, int], tmp_path: Path
+) -> None:
+    a, b, limit = two_models
+    args = ["--model", b, "--memory-limit", str(limit), "--prefix-cache-bytes", "0", "--queue-timeout", "20"]
+    eos = json.loads((Path(a) / "config.json").read_text())["eos_token_id"]
+    no_eos = {str(t): -100 for t in (eos if isinstance(eos, list) else [eos])}
+    with run_worker(a, tmp_path / "w.log", *args) as w, httpx.Client(base_url=w.url, timeout=60) as http:
+        results: dict[str, tuple[int, float]] = {}
+
+        def send(tag: str, model: str, max_tokens: int) -> None:
+            body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
+            start = time.monotonic()
+            r = http.post("/v1/completions", json={**body, "logit_bias": no_eos})
+            results[tag] = (r.status_code, time.monotonic() - start)
+
+        def queued() -> int:
+            return int(http.get("/admin/api/models").json()["queue_depth"])
+
+        long = threading.Thread(target=send, args=("long", a, 600))
+        long.start()
+        while not any(m["active_requests"] for m in http.get("/admin/api/models").json()["models"]):
+            time.sleep(0.01)
+        load = threading.Thread(target=send, args=("load", b, 4))  # must wait until `a` is idle
+        load.start()
+        deadline = time.monotonic() + 30
+        while queued() < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        short = threading.Thread(target=send, args=("short", a, 4))  # holds `a` while it waits
+        short.start()
+        for t in (long, load, short):
+            t.join(60)
+    assert {tag: status for tag, (status, _) in results.items()} == {"long": 200, "load": 200, "short": 200}
+    assert results["short"][1] < results["long"][1]  # it ran beside the long one, not after the load
+    assert results["load"][1] < 20
 
 
 def test_a_pinned_model_stays_and_a_model_that_cannot_fit_beside_it_is_refused(

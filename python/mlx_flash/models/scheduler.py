@@ -76,6 +76,13 @@ class Entry:
         return self.engine is not None and not self.pinned and self.holders == 0
 
 
+@dataclasses.dataclass(eq=False)
+class _Waiter:
+    """One place in the admission queue."""
+
+    loaded_model: bool  # a request's KV for a model already loaded (not a model load)
+
+
 class Lease:
     """A request's hold on a loaded model; `start` admits it; released once its engine is done."""
 
@@ -104,7 +111,9 @@ class Lease:
         if prompt + request.max_tokens > ceiling:
             request = dataclasses.replace(request, max_tokens=ceiling - prompt)
         need = (prompt + request.max_tokens) * per_token
-        await self._scheduler.admit(need, f"request for {self.entry.id}", lambda: self._reserve(need))
+        await self._scheduler.admit(
+            need, f"request for {self.entry.id}", lambda: self._reserve(need), loaded_model=True
+        )
         return self.engine.submit(request, on_close=self.release)
 
     def _reserve(self, need: int) -> None:
@@ -138,7 +147,7 @@ class Scheduler:
         self.kv_reserved = 0
         self.created = int(time.time())
         self._entries: dict[str, Entry] = {}
-        self._waiters: deque[object] = deque()
+        self._waiters: deque[_Waiter] = deque()
         self._changed = asyncio.Event()
         self._prefix_budget = config.prefix_cache_bytes
         self._pinned = {self.registry.find(name).target for name in config.pins}
@@ -312,21 +321,28 @@ class Scheduler:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def admit(self, need: int, what: str, commit: Any) -> None:
-        """Wait, first in first out, until `need` bytes fit; then `commit()` reserves them."""
-        must_wait = bool(self._waiters) or not self._fits_now(need)
+    async def admit(self, need: int, what: str, commit: Any, loaded_model: bool = False) -> None:
+        """Wait, first in first out, until `need` bytes fit; then `commit()` reserves them.
+
+        A request for a `loaded_model` that fits without evicting anything may pass loads waiting
+        ahead of it: a load waits for models to become idle, and requests queued for those models
+        hold them (their leases), so waiting behind it would hold everyone up until the timeout."""
+        waiter = _Waiter(loaded_model)
+        must_wait = not self._may_go(waiter) or not self._fits_now(need)
         if must_wait and len(self._waiters) >= self.config.max_queue:
             metrics.ADMISSION_REJECTED.labels(reason="queue_full").inc()
             raise Overloaded(
                 f"The server is at capacity ({len(self._waiters)} requests waiting); retry later."
             )
-        waiter = object()
         self._waiters.append(waiter)
         metrics.QUEUE_DEPTH.set(len(self._waiters))
         start = time.monotonic()
         try:
             while True:
                 if self._waiters[0] is waiter and await self._make_room(need):
+                    commit()
+                    return
+                if self._may_go(waiter) and self._fits_now(need):
                     commit()
                     return
                 left = start + self.config.queue_timeout - time.monotonic()
@@ -344,6 +360,17 @@ class Scheduler:
             metrics.QUEUE_DEPTH.set(len(self._waiters))
             metrics.ADMISSION_WAIT_SECONDS.observe(time.monotonic() - start)
             self.changed()
+
+    def _may_go(self, waiter: _Waiter) -> bool:
+        """Whether only loads wait ahead of `waiter` (a new one or one in the queue) that it may pass."""
+        if not waiter.loaded_model:
+            return not self._waiters or self._waiters[0] is waiter
+        for ahead in self._waiters:
+            if ahead is waiter:
+                break
+            if ahead.loaded_model:
+                return False
+        return True
 
     def _fits_now(self, need: int) -> bool:
         return self.used + need <= self.limit and _system_has(need)
