@@ -18,6 +18,8 @@ DEFAULT_MEMORY_FRACTION = 0.75
 DEFAULT_MAX_QUEUE = 64
 DEFAULT_QUEUE_TIMEOUT = 30.0
 DEFAULT_PREFILL_STEP = 512
+# Group sizes MLX quantizes with (mx.quantize), so --kv-group-size takes one of them.
+KV_GROUP_SIZES = (32, 64, 128)
 # While streams decode, a prefill chunk may take about this many decode steps: streams then slow to
 # about twice their idle inter-token time while a long prompt is read.
 DEFAULT_PREFILL_BUDGET = 1.0
@@ -72,7 +74,7 @@ class WorkerConfig:
             raise ValueError("--idle-ttl, --queue-timeout and --max-queue must be >= 0")
         if self.kv_bits is not None and self.kv_bits not in (2, 3, 4, 5, 6, 8):
             raise ValueError("--kv-bits must be 2, 3, 4, 5, 6 or 8")
-        if self.kv_group_size not in (32, 64, 128) or self.quantized_kv_start < 0:
+        if self.kv_group_size not in KV_GROUP_SIZES or self.quantized_kv_start < 0:
             raise ValueError("--kv-group-size must be 32, 64 or 128 and --quantized-kv-start >= 0")
         if self.prefill_step < 1 or self.prefill_budget < 0:
             raise ValueError("--prefill-step must be >= 1 and --prefill-budget >= 0")

@@ -6,6 +6,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from mlx_lm import generate, load
@@ -127,6 +128,9 @@ def test_kv_bits_output_matches_mlx_lm_generate_with_the_same_quantization(tmp_p
         again, cached = complete(PROMPTS[1])
         assert again == expected[1] and cached > 0
         assert w.metric("mlx_flash_batch_size_count", 0.0, model=str(path)) == 0  # never batched
+        models = httpx.get(f"{w.url}/admin/api/models", timeout=10).json()["models"]
+        assert [m["batching"] for m in models] == [False]  # and it says so
+        assert "requests run one at a time" in w.log()
 
 
 def test_a_prompt_read_while_others_decode_is_paced_and_matches_its_solo_output(

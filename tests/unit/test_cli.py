@@ -32,6 +32,7 @@ def test_flags_and_models_every_worker_would_reject_are_refused_up_front(tmp_pat
         "model directory not found": (["--model", str(tmp_path / "nope")], []),
         "model directory not found: gone": ([], ["--pin", "gone"]),
         "cannot read aliases": ([], ["--aliases", str(tmp_path / "none.toml")]),
+        "must divide the model's head size 48": ([], ["--kv-bits", "4"]),  # demo's heads
     }
     for message, (sidecar, workers) in refused.items():
         with pytest.raises((ValueError, OSError), match=message):

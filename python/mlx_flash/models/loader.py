@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load
 
+from mlx_flash.config import KV_GROUP_SIZES
 from mlx_flash.demo import DEMO_MODEL_PATH
 from mlx_flash.experts.streamer import ExpertPlan, ExpertStreamer
 from mlx_flash.models.progress import ProgressLog, download_progress
@@ -110,6 +111,20 @@ def kv_bytes_per_token(config: dict[str, Any], dtype: mx.Dtype) -> int:
     kv_heads = int(c.get("num_key_value_heads") or heads)
     layers = int(c.get("num_hidden_layers") or c.get("n_layers") or 1)
     return 2 * layers * kv_heads * head_dim(config) * dtype.size
+
+
+def check_kv_group(config: dict[str, Any], group_size: int) -> None:
+    """ValueError unless `--kv-group-size` divides the model's head size (mlx-lm quantizes each head's
+    vectors in groups)."""
+    size = head_dim(config)
+    if size % group_size:
+        fits = [g for g in KV_GROUP_SIZES if size % g == 0]
+        hint = (
+            f"use --kv-group-size {fits[0]}"
+            if fits
+            else "no group size MLX has does: run it without --kv-bits"
+        )
+        raise ValueError(f"--kv-group-size {group_size} must divide the model's head size {size} ({hint})")
 
 
 def head_dim(config: dict[str, Any]) -> int:

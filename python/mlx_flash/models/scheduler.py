@@ -41,7 +41,7 @@ from mlx_flash.engine.engine import Engine, KvQuantization, RequestHandle
 from mlx_flash.engine.prefix_cache import PrefixCache
 from mlx_flash.engine.request import GenerationRequest
 from mlx_flash.experts import streamer, trace
-from mlx_flash.models.loader import LoadedModel, head_dim, load_model, resolve, weight_file_bytes
+from mlx_flash.models.loader import LoadedModel, check_kv_group, load_model, resolve, weight_file_bytes
 from mlx_flash.models.registry import Known, Registry
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ class Scheduler:
                     hint = f"; POST /admin/api/models/{entry.id}/load downloads it"
                 raise ModelNotFound(entry.id, f"{e}{hint}") from e
             weights = weight_file_bytes(path) or 1
-            room = self._ceiling(entry) - self._prefix_budget
+            room = min(self._ceiling(entry), self._system_room()) - self._prefix_budget
             experts = await asyncio.to_thread(
                 streamer.plan, path, load_config(path), weights, room, self.config.expert_memory
             )
@@ -241,7 +241,8 @@ class Scheduler:
             if need > self._ceiling(entry):
                 streamed = " with its experts streamed from disk" if experts and experts.streamed else ""
                 raise ModelTooLarge(
-                    f"The model '{entry.id}' needs about {need} bytes{streamed} (weights and prefix cache) "
+                    f"The model '{entry.id}' needs about {need} bytes{streamed} ({weights} of weights, "
+                    f"{self._prefix_budget} of prefix cache: --prefix-cache-bytes) "
                     f"but this worker's memory limit is {self.limit} bytes ({self._ceiling(entry)} without "
                     "the pinned models); raise --memory-limit or pick a smaller model."
                 )
@@ -372,6 +373,15 @@ class Scheduler:
                 return False
         return True
 
+    def _system_room(self) -> int:
+        """Bytes a load could have from the system now: what is free, plus what idle models would
+        give back, less the headroom admission keeps (so an auto expert budget is one it admits)."""
+        snap = memory.snapshot()
+        if snap is None:
+            return self.limit
+        idle = sum(e.reserved for e in self._entries.values() if e.evictable())
+        return int(snap["effective_available_bytes"]) + idle - HEADROOM_BYTES
+
     def _fits_now(self, need: int) -> bool:
         return self.used + need <= self.limit and _system_has(need)
 
@@ -394,6 +404,7 @@ class Scheduler:
             "weight_bytes": engine.loaded.weight_bytes if engine else None,
             "kv_bytes_per_token": engine.loaded.kv_bytes_per_token if engine else None,
             "context_length": engine.loaded.context_length if engine else None,
+            "batching": engine.kv_quantization is None if engine else None,
             "experts": engine.loaded.experts.status() if engine and engine.loaded.experts else None,
             "reserved_bytes": entry.reserved,
             "active_requests": entry.holders,
@@ -454,6 +465,10 @@ def _open(
     entry: Entry, path: Path, config: WorkerConfig, prefix_cache: Any, experts: streamer.ExpertPlan | None
 ) -> Engine:
     """Load a model and start its engine (on a thread: both read files)."""
+    q = None
+    if config.kv_bits is not None:
+        q = KvQuantization(config.kv_bits, config.kv_group_size, config.quantized_kv_start)
+        check_kv_group(load_config(path), q.group_size)
     loaded = load_model(
         entry.id,
         path,
@@ -465,13 +480,10 @@ def _open(
         # Line-buffered appends, one JSON line per layer pass; open while the process lives.
         traced = trace.record(loaded.model, loaded.id, open(config.expert_trace, "a", buffering=1))  # noqa: SIM115
         log.info("tracing experts", extra={"model": loaded.id, "layers": traced, "file": config.expert_trace})
-    q = None
-    if config.kv_bits is not None:
-        q = KvQuantization(config.kv_bits, config.kv_group_size, config.quantized_kv_start)
-        if head_dim(loaded.config) % q.group_size:
-            raise ValueError(
-                f"--kv-group-size {q.group_size} must divide the head size {head_dim(loaded.config)}"
-            )
+    if q is not None:
+        log.info(
+            "KV cache quantized: requests run one at a time, without batching", extra={"model": entry.id}
+        )
     if loaded.experts is not None and experts is not None:
         loaded.experts.follow(experts.top_k)
     return Engine(
