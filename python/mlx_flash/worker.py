@@ -332,7 +332,14 @@ def run(config: WorkerConfig) -> int:
         )
         watch.start()
     server.run(sockets=[sock])
-    return 1 if state.load_error else 0
+    if state.load_error:
+        # Out now, past interpreter teardown: a load that failed part way can leave native threads
+        # that abort the process while static objects are destroyed (exit status 134, not 1).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    return 0
 
 
 def _bytes(text: str) -> int:

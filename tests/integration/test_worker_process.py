@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import Worker, build_model, run_worker
 from mlx_flash import blas
+from mlx_flash.demo import DEMO_MODEL_PATH
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -46,6 +48,15 @@ def test_missing_model_directory_exits_with_a_clear_error(tmp_path: Path) -> Non
     r = run_cli("worker", "--model", str(tmp_path / "nope"), "--port", "0")
     assert r.returncode == 1
     assert "model directory not found" in r.stderr
+
+
+def test_a_missing_shard_is_named(tmp_path: Path) -> None:
+    model = shutil.copytree(DEMO_MODEL_PATH, tmp_path / "sharded")
+    index = {"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    r = run_cli("worker", "--model", str(model), "--port", "0")
+    assert r.returncode == 1  # not an abort in teardown (134)
+    assert "lacks weight files its index lists: model-00002-of-00002.safetensors" in r.stderr
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -158,6 +159,21 @@ def _activation_dtype(leaves: list[tuple[str, mx.array]]) -> mx.Dtype:
     return mx.float16
 
 
+def _check_shards(path: Path) -> None:
+    """FileNotFoundError naming the weight files a sharded checkpoint's index lists but lacks (mlx-lm
+    would only say which parameters are missing)."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        files = set(json.loads(index.read_text())["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index} is not a safetensors index: {e}") from e
+    missing = sorted(f for f in files if not (path / f).is_file())
+    if missing:
+        raise FileNotFoundError(f"{path} lacks weight files its index lists: {', '.join(missing)}")
+
+
 def load_model(
     name: str,
     path: Path,
@@ -169,6 +185,7 @@ def load_model(
     With an expert plan, the MoE experts stream from disk within its budget and only the rest is read."""
     start = time.perf_counter()
     log.info("loading model", extra={"model": name, "path": str(path)})
+    _check_shards(path)
     model, tokenizer, config = cast(
         tuple[Any, TokenizerWrapper, dict[str, Any]], load(str(path), lazy=True, return_config=True)
     )
