@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import pytest
 
+from mlx_flash.experts import trace
 from mlx_flash.experts.policy import (
     LRU,
     POLICIES,
@@ -104,3 +107,40 @@ def test_unknown_policy_and_empty_cache_are_refused() -> None:
         make_policy("fifo", 2)
     with pytest.raises(ValueError, match="at least one"):
         LRU(0)
+
+
+def test_replay_refuses_what_is_not_a_trace_and_skips_a_torn_last_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = json.dumps({"model": "m", "layer": 0, "bulk": False, "experts": [[0, 3]]})
+
+    def replay(text: str, *flags: str) -> tuple[int, str]:
+        path = tmp_path / "trace.jsonl"
+        path.write_text(text)
+        try:
+            code = trace.main(["replay", str(path), *flags])
+        except SystemExit as e:
+            code = int(e.code or 0)
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    assert replay(f"{good}\n{good}\n" + good[:20], "--capacity", "2") == (
+        0,
+        replay(f"{good}\n{good}\n", "--capacity", "2")[1],
+    )
+    refused = {
+        "": "holds no passes",
+        f"{good}\n": "holds no passes of model 'other'",
+        "[1, 2]\n": "trace.jsonl:1: not a trace record",
+        f"{good}\nnot json\n{good}\n": "trace.jsonl:2: not JSON",
+        '{"model": "m", "layer": 0, "experts": [1, 2]}\n': "trace.jsonl:1: a record needs",
+        '{"model": "m", "layer": 0, "experts": [["a"]]}\n': "trace.jsonl:1: a record needs",
+        '{"model": "m", "layer": 0}\n': "trace.jsonl:1: a record needs",
+    }
+    for text, message in refused.items():
+        flags = ("--model", "other") if "other" in message else ()
+        code, said = replay(text, *flags)
+        assert code == 2 and message in said and "Traceback" not in said, (text, said)
+    for capacity in ("inf", "nan", "lots"):
+        code, said = replay(f"{good}\n", "--capacity", capacity)
+        assert code == 2 and "Traceback" not in said, said

@@ -3,8 +3,9 @@ replayed offline against every cache policy and Belady's optimum.
 
 A trace file holds JSON lines `{"model": M, "layer": L, "bulk": B, "experts": [[e, ...], ...]}`, one
 line per forward pass of a MoE layer (B: a prompt chunk), one list per token of the pass, in the order
-they ran. Replay serves it as the pools do: each pass asks for its experts once, a prompt chunk's as
-bulk (they must not flush what decoding uses), in groups no larger than the pool.
+they ran (a last line cut short, by a worker killed mid-write, is left out). Replay serves it as the
+pools do: each pass asks for its experts once, a prompt chunk's as bulk (they must not flush what
+decoding uses), in groups no larger than the pool.
 
     mlx-flash experts replay TRACE [--model M] [--capacity 0.25,0.5]   hit rates per policy, the best
                                                                        fixed set and Belady's
@@ -14,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -65,20 +67,45 @@ Trace = dict[int, list[Pass]]  # per layer, its passes in order
 
 
 def read(path: Path, model: str | None = None) -> Trace:
-    """Per layer, its passes in order; of `model`, which may be left out when the trace holds one."""
+    """Per layer, its passes in order; of `model`, which may be left out when the trace holds one.
+    ValueError, naming the line, for anything that is not a trace."""
     layers: Trace = {}
     seen: set[str] = set()
-    with path.open() as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                seen.add(rec["model"])
-                if model is None or rec["model"] == model:
-                    one = Pass(bool(rec.get("bulk")), rec["experts"])
-                    layers.setdefault(int(rec["layer"]), []).append(one)
+    lines = path.read_text().split("\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            if number == len(lines):  # no newline after it: cut short mid-write
+                break
+            raise ValueError(f"{path}:{number}: not JSON ({e})") from e
+        name, layer, tokens = _fields(rec, f"{path}:{number}")
+        seen.add(name)
+        if model is None or name == model:
+            layers.setdefault(layer, []).append(Pass(bool(rec.get("bulk")), tokens))
     if model is None and len(seen) > 1:
         raise ValueError(f"{path} holds several models ({', '.join(sorted(seen))}): name one")
+    if not layers:
+        raise ValueError(f"{path} holds no passes" + (f" of model {model!r}" if model else ""))
     return layers
+
+
+def _fields(rec: Any, where: str) -> tuple[str, int, list[list[int]]]:
+    """A record's model, layer and experts per token, checked."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: not a trace record (a JSON object)")
+    name, layer, tokens = rec.get("model"), rec.get("layer"), rec.get("experts")
+    ok = (
+        isinstance(name, str)
+        and isinstance(layer, int)
+        and isinstance(tokens, list)
+        and all(isinstance(t, list) and all(type(e) is int and e >= 0 for e in t) for t in tokens)
+    )
+    if not ok:
+        raise ValueError(f"{where}: a record needs model (text), layer (int), experts (lists of expert ids)")
+    return cast(tuple[str, int, list[list[int]]], (name, layer, tokens))
 
 
 def needs(passes: list[Pass]) -> list[tuple[bool, list[int]]]:
@@ -109,6 +136,7 @@ def replay(trace: Trace, capacity: int) -> dict[str, float]:
 
 
 def num_experts(trace: Trace) -> int:
+    """Experts per layer, as far as the trace shows: one more than the highest id it uses."""
     return 1 + max((e for passes in trace.values() for p in passes for t in p.tokens for e in t), default=-1)
 
 
@@ -126,6 +154,8 @@ def capacities(text: str, experts: int) -> list[int]:
     out = []
     for part in text.split(","):
         value = float(part)
+        if not math.isfinite(value):
+            raise ValueError(f"capacity {part} is not a number of experts")
         n = round(value * experts) if value < 1 else int(value)
         if not 1 <= n <= experts:
             raise ValueError(f"capacity {part} is not between 1 and {experts} experts")
