@@ -73,6 +73,10 @@ def test_bad_files_and_names_are_refused_clearly(tmp_path: Path) -> None:
     (tmp_path / "short.safetensors").write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
     with pytest.raises(ValueError, match="past the end"):
         read_index(tmp_path / "short.safetensors")
+    for header, says in ((b"{not json", "header is not JSON"), (b'{"w": 3}', "not a safetensors header")):
+        (tmp_path / "short.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+        with pytest.raises(ValueError, match=f"short.safetensors: .*{says}"):
+            read_index(tmp_path / "short.safetensors")
     (tmp_path / "short.safetensors").unlink()
     mx.save_safetensors(str(tmp_path / "a.safetensors"), {"w": mx.zeros((3, 2)), "s": mx.zeros(())})
     with pytest.raises(KeyError, match="nope"):

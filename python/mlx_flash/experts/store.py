@@ -86,16 +86,22 @@ def read_index(path: Path) -> dict[str, TensorLocation]:
         size = path.stat().st_size
         if n > size - 8:
             raise ValueError(f"{path}: header length {n} runs past the end of the file")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"{path}: not a safetensors file (its header is not JSON: {e})") from e
     base = 8 + n
     out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        if not 0 <= begin <= end <= size - base:
-            raise ValueError(f"{path}: {name}'s bytes lie outside the file")
-        out[name] = TensorLocation(path, info["dtype"], tuple(info["shape"]), base + begin, base + end)
+    try:
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            if not 0 <= begin <= end <= size - base:
+                raise ValueError(f"{path}: {name}'s bytes lie outside the file")
+            out[name] = TensorLocation(path, info["dtype"], tuple(info["shape"]), base + begin, base + end)
+    except (AttributeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a safetensors header ({type(e).__name__}: {e})") from e
     return out
 
 
