@@ -17,7 +17,6 @@ to every worker.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import NoReturn
@@ -58,6 +57,8 @@ class _Rejecting(argparse.ArgumentParser):
 def check_worker_args(sidecar: list[str], workers: list[str]) -> None:
     """What would fail every worker at once, raised here before anything starts (ValueError or
     OSError): a flag a worker rejects, an unreadable --aliases file, a model directory not there."""
+    from mlx_lm.utils import load_config
+
     from mlx_flash import worker
     from mlx_flash.models.loader import check_kv_group, is_hub_id, resolve
     from mlx_flash.models.registry import Registry
@@ -78,7 +79,7 @@ def check_worker_args(sidecar: list[str], workers: list[str]) -> None:
         if not is_hub_id(target):  # a hub id may still be downloaded
             path = resolve(target, download=False)
             if config.kv_bits is not None and (path / "config.json").is_file():
-                check_kv_group(json.loads((path / "config.json").read_text()), config.kv_group_size)
+                check_kv_group(load_config(path), config.kv_group_size)
 
 
 def serve(args: list[str]) -> int:

@@ -71,20 +71,20 @@ def read(path: Path, model: str | None = None) -> Trace:
     ValueError, naming the line, for anything that is not a trace."""
     layers: Trace = {}
     seen: set[str] = set()
-    lines = path.read_text().split("\n")
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError as e:
-            if number == len(lines):  # no newline after it: cut short mid-write
-                break
-            raise ValueError(f"{path}:{number}: not JSON ({e})") from e
-        name, layer, tokens = _fields(rec, f"{path}:{number}")
-        seen.add(name)
-        if model is None or name == model:
-            layers.setdefault(layer, []).append(Pass(bool(rec.get("bulk")), tokens))
+    with path.open() as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                if not line.endswith("\n"):  # the last line, cut short mid-write
+                    break
+                raise ValueError(f"{path}:{number}: not JSON ({e})") from e
+            name, layer, tokens = _fields(rec, f"{path}:{number}")
+            seen.add(name)
+            if model is None or name == model:
+                layers.setdefault(layer, []).append(Pass(bool(rec.get("bulk")), tokens))
     if model is None and len(seen) > 1:
         raise ValueError(f"{path} holds several models ({', '.join(sorted(seen))}): name one")
     if not layers:
