@@ -677,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         f"  ratio ours / mlx_lm.server by streams: {s['ratio_by_streams']}; ours = solo: {s['parity']};"
         f" mlx_lm.server streams off solo: {s['mlx_lm_streams_off_solo']}"
     )
-    print(f"  scaling {s['scaling']}; head-of-line p99 during / idle: {s['hol_p99_ratio']}")
+    print(f"  scaling {s['scaling']}; head-of-line p99 during / idle: {s.get('hol_p99_ratio', 'not run')}")
     return 0 if s["parity"] else 1
 
 

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from mlx_flash.experts.policy import POLICIES
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+# The RAM prefix cache's budget unless given: this, or an eighth of the memory limit if less.
 DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
+PREFIX_CACHE_SHARE = 1 / 8
 DEFAULT_PREFIX_CACHE_DISK_BYTES = 10 << 30
 # Without --memory-limit, models and KV may use this share of the memory the process can have
 # (the smaller of RAM and its cgroup limit), split evenly between the workers of one host.
@@ -51,7 +53,7 @@ class WorkerConfig:
     parent_pid: int | None = None
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES
+    prefix_cache_bytes: int | None = None  # None: DEFAULT_PREFIX_CACHE_BYTES or a share of the limit
     prefix_cache_dir: str | None = None
     prefix_cache_disk_bytes: int = DEFAULT_PREFIX_CACHE_DISK_BYTES
     log_level: str = "info"
@@ -64,7 +66,7 @@ class WorkerConfig:
                 f"refusing to listen on {self.host} without an API key: "
                 "set --api-key (or MLX_FLASH_API_KEY), or bind 127.0.0.1"
             )
-        if self.prefix_cache_bytes < 0 or self.prefix_cache_disk_bytes < 0:
+        if (self.prefix_cache_bytes or 0) < 0 or self.prefix_cache_disk_bytes < 0:
             raise ValueError("--prefix-cache-bytes and --prefix-cache-disk-bytes must be >= 0")
         if self.max_body_bytes < 1024:
             raise ValueError("max body size must be at least 1024 bytes")
@@ -86,6 +88,12 @@ class WorkerConfig:
             raise ValueError("--local-workers must be >= 1")
         if self.worker_id is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.worker_id):
             raise ValueError("--worker-id may hold only letters, digits, '.', '_' and '-'")
+
+    def prefix_cache_budget(self, limit: int) -> int:
+        """The RAM prefix cache's budget for a worker with this memory limit."""
+        if self.prefix_cache_bytes is not None:
+            return self.prefix_cache_bytes
+        return min(DEFAULT_PREFIX_CACHE_BYTES, int(limit * PREFIX_CACHE_SHARE))
 
     @property
     def startup_models(self) -> tuple[str, ...]:
@@ -118,6 +126,8 @@ def parse_bytes(text: str) -> int:
     m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?", text.strip().lower())
     if not m:
         raise ValueError(f"bad size {text!r}: use bytes, or a number with K, M, G or T")
+    if not m.group(2) and "." in m.group(1):
+        raise ValueError(f"bad size {text!r}: bytes are whole; a fraction needs a unit (e.g. {text}G)")
     return int(float(m.group(1)) * UNITS[m.group(2)])
 
 

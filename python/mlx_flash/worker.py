@@ -47,7 +47,6 @@ from mlx_flash.config import (
     DEFAULT_MEMORY_FRACTION,
     DEFAULT_PREFILL_BUDGET,
     DEFAULT_PREFILL_STEP,
-    DEFAULT_PREFIX_CACHE_BYTES,
     DEFAULT_PREFIX_CACHE_DISK_BYTES,
     DEFAULT_QUEUE_TIMEOUT,
     WorkerConfig,
@@ -428,8 +427,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prefix-cache-bytes",
         type=_bytes,
-        default=_bytes(env_default("PREFIX_CACHE_BYTES", str(DEFAULT_PREFIX_CACHE_BYTES)) or "0"),
-        help="RAM budget of the prefix cache (KV reused across requests): bytes, 512M, 2G; 0 turns it off",
+        default=env_default("PREFIX_CACHE_BYTES", None),
+        help="RAM budget of the prefix cache (KV reused across requests): bytes, 512M, 2G; 0 turns it "
+        "off (default: 1 GiB, or an eighth of --memory-limit if that is less)",
     )
     p.add_argument(
         "--prefix-cache-dir",

@@ -99,6 +99,28 @@ def test_a_request_that_could_never_fit_is_400_and_default_max_tokens_is_capped(
     assert CEILING_TOKENS - 20 <= total <= CEILING_TOKENS + 20
 
 
+def test_a_prompt_that_could_never_fit_is_400_naming_what_to_change(
+    tight: Worker, model_path: dict[str, Path]
+) -> None:
+    path = model_path["qwen3"]
+    words = " ".join(["a"] * 3300)  # 3300 tokens: over the ceiling, within the context
+    chat = {"model": str(path), "messages": [{"role": "user", "content": words}]}
+    r = httpx.post(f"{tight.url}/v1/chat/completions", json=chat, timeout=30)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["code"] == "insufficient_memory" and err["param"] == "messages"
+    # The prompt and the one token every completion needs, not the prompt plus the whole context.
+    need = int(err["message"].split("needs a KV cache of ")[1].split(" ")[0])
+    assert CEILING_TOKENS < need < 4096 and "Reduce the prompt." in err["message"]
+    r = httpx.post(
+        f"{tight.url}/v1/responses",
+        json={"model": str(path), "input": "Hi", "max_output_tokens": 4000},
+        timeout=30,
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_output_tokens"
+    assert "Reduce max_output_tokens or the prompt." in r.json()["error"]["message"]
+
+
 def test_503_under_a_memory_limited_cgroup_until_memory_is_free(
     model_path: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -119,3 +141,19 @@ def test_503_under_a_memory_limited_cgroup_until_memory_is_free(
                 assert health["effective_available_bytes"] < 256 << 20
             r = httpx.post(f"{w.url}/v1/completions", json=body(Path(path), max_tokens=4), timeout=30)
             assert r.status_code == 200 and r.json()["choices"][0]["text"] == ok.json()["choices"][0]["text"]
+
+
+def test_a_small_cgroup_serves_a_model_that_fits_with_the_defaults(
+    model_path: dict[str, Path], tmp_path: Path
+) -> None:
+    """A machine (or container) of 320 MiB: the prefix cache budget and the headroom admission keeps
+    scale down with it, so a small model loads and answers."""
+    with memory_cgroup("mlxf-small", 320 << 20) as (_, join):
+        path = model_path["qwen3"]
+        with run_worker(str(path), tmp_path / "w.log", prefix=join) as w:
+            r = httpx.post(f"{w.url}/v1/completions", json=body(path, max_tokens=4), timeout=30)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+            status = httpx.get(f"{w.url}/admin/api/models", timeout=10).json()
+            assert status["memory_limit"] == int(0.75 * (320 << 20))
+            model = status["models"][0]
+            assert model["reserved_bytes"] == model["weight_bytes"] + (30 << 20)  # an eighth of the limit

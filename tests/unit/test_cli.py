@@ -27,6 +27,7 @@ def test_flags_and_models_every_worker_would_reject_are_refused_up_front(tmp_pat
     refused = {
         "--kv-bits must be": ([], ["--kv-bits", "99"]),
         "bad size 'banana'": ([], ["--memory-limit", "banana"]),
+        "bytes are whole; a fraction needs a unit": ([], ["--expert-memory", "1.5"]),
         "invalid int value": ([], ["--max-queue", "many"]),
         "unrecognized arguments: --bogus": ([], ["--bogus"]),
         "model directory not found": (["--model", str(tmp_path / "nope")], []),

@@ -215,7 +215,7 @@ async def _messages(request: Request, body: dict[str, Any], f: Fields, lease: Le
         tools=parsed.tools.request_tools(),
         reply=True,
     )
-    handle = await lease.start(gen, max_tokens_given=True)
+    handle = await lease.start(gen, "max_tokens")
     head = {
         "id": f"msg_{uuid.uuid4().hex}",
         "type": "message",

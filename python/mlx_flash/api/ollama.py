@@ -275,7 +275,11 @@ async def _serve(
             tools=tools.request_tools(),
             reply=not body.get("raw"),
         )
-        handle = await lease.start(gen, max_tokens_given=options.max_tokens is not None)
+        handle = await lease.start(
+            gen,
+            "num_predict" if options.max_tokens is not None else None,
+            "messages" if chat else "prompt",
+        )
     if seconds is not None:
         keep_alive(request).set(scheduler, lease.entry, seconds)
     if stream:

@@ -425,7 +425,8 @@ async def _chat(request: Request, body: dict[str, Any], f: Fields, lease: Lease)
     gen = GenerationRequest(
         prompt, max_tokens, common.sampling, common.stop, logprobs, top, masker, tools.request_tools(), True
     )
-    handle = await lease.start(gen, max_tokens_given=common.max_tokens is not None)
+    limit_param = "max_completion_tokens" if f.present("max_completion_tokens") else "max_tokens"
+    handle = await lease.start(gen, limit_param if common.max_tokens is not None else None)
     env = Envelope(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", engine.loaded.id, common.include_usage)
 
     def lp_obj(items: Sequence[TokenLogprob]) -> dict[str, Any] | None:
@@ -488,7 +489,7 @@ async def _completion(request: Request, body: dict[str, Any], f: Fields, lease: 
     prompt = await run_in_threadpool(_completion_prompt, engine, body.get("prompt"))
     max_tokens = budget(engine, len(prompt), common.max_tokens or 16, "prompt")
     gen = GenerationRequest(prompt, max_tokens, common.sampling, common.stop, top is not None, top or 0)
-    handle = await lease.start(gen, max_tokens_given=True)
+    handle = await lease.start(gen, "max_tokens", "prompt")
     env = Envelope(f"cmpl-{uuid.uuid4().hex}", "text_completion", engine.loaded.id, common.include_usage)
     offset = 0
 

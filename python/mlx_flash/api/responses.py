@@ -245,7 +245,7 @@ async def _create(request: Request, body: dict[str, Any], f: Fields, lease: Leas
     gen = GenerationRequest(
         prompt, limit, sampling, constraint=masker, tools=tools.request_tools(), reply=True
     )
-    handle = await lease.start(gen, max_tokens_given=max_tokens is not None)
+    handle = await lease.start(gen, "max_output_tokens" if max_tokens is not None else None, "input")
     draft = Draft(body, f, engine.loaded.id, previous)
 
     def keep(response: dict[str, Any], text: str, calls: list[ToolCall]) -> None:

@@ -46,8 +46,10 @@ from mlx_flash.models.registry import Known, Registry
 
 log = logging.getLogger(__name__)
 
-# Memory the system must keep free beyond what a request takes: the OS, MLX's scratch buffers.
+# Memory the system must keep free beyond what a request takes (the OS, MLX's scratch buffers): this
+# much, or an eighth of the memory there is on a machine (or cgroup) smaller than 2 GiB.
 HEADROOM_BYTES = 256 << 20
+HEADROOM_SHARE = 1 / 8
 # Waiters look at the live memory snapshot again this often, even if nothing here changed.
 RECHECK_SECONDS = 0.25
 
@@ -93,20 +95,24 @@ class Lease:
         self._scheduler = scheduler
         self._released = False
 
-    async def start(self, request: GenerationRequest, max_tokens_given: bool) -> RequestHandle:
+    async def start(
+        self, request: GenerationRequest, limit_param: str | None, prompt_param: str = "messages"
+    ) -> RequestHandle:
         """Wait for room for this request's KV cache, then hand it to the engine.
 
-        Without an explicit max_tokens the completion is capped at what memory can ever hold."""
+        `limit_param` names the client's max_tokens field when it set one; without it the completion
+        is capped at what memory can ever hold. Errors name the field to change."""
         per_token = max(1, self.engine.loaded.kv_bytes_per_token)
         ceiling = self._scheduler.kv_ceiling(self.entry) // per_token
         prompt = len(request.prompt_tokens)
-        if prompt + (request.max_tokens if max_tokens_given else 1) > ceiling:
+        least = prompt + (request.max_tokens if limit_param else 1)
+        if least > ceiling:
             limit = self._scheduler.limit
             raise MemoryExceeded(
-                f"This request needs a KV cache of {prompt + request.max_tokens} tokens "
-                f"({per_token} bytes each) but at most {max(ceiling, 0)} fit under this worker's "
-                f"memory limit of {limit} bytes beside the model. Reduce max_tokens or the prompt.",
-                param="max_tokens" if max_tokens_given else "messages",
+                f"This request needs a KV cache of {least} tokens ({per_token} bytes each) but at most "
+                f"{max(ceiling, 0)} fit under this worker's memory limit of {limit} bytes beside the "
+                f"model. Reduce {f'{limit_param} or ' if limit_param else ''}the prompt.",
+                param=limit_param or prompt_param,
             )
         if prompt + request.max_tokens > ceiling:
             request = dataclasses.replace(request, max_tokens=ceiling - prompt)
@@ -149,7 +155,7 @@ class Scheduler:
         self._entries: dict[str, Entry] = {}
         self._waiters: deque[_Waiter] = deque()
         self._changed = asyncio.Event()
-        self._prefix_budget = config.prefix_cache_bytes
+        self._prefix_budget = config.prefix_cache_budget(limit)
         self._pinned = {self.registry.find(name).target for name in config.pins}
         metrics.MEMORY_LIMIT_BYTES.set(limit)
 
@@ -380,7 +386,7 @@ class Scheduler:
         if snap is None:
             return self.limit
         idle = sum(e.reserved for e in self._entries.values() if e.evictable())
-        return int(snap["effective_available_bytes"]) + idle - HEADROOM_BYTES
+        return int(snap["effective_available_bytes"]) + idle - headroom(snap)
 
     def _fits_now(self, need: int) -> bool:
         return self.used + need <= self.limit and _system_has(need)
@@ -446,7 +452,12 @@ def _system_has(need: int) -> bool:
         return True
     if snap["pressure"] == "critical":
         return False
-    return need + HEADROOM_BYTES <= snap["effective_available_bytes"]
+    return need + headroom(snap) <= snap["effective_available_bytes"]
+
+
+def headroom(snap: Any) -> int:
+    """Bytes admission leaves free for this memory reading."""
+    return min(HEADROOM_BYTES, int(snap["effective_total_bytes"] * HEADROOM_SHARE))
 
 
 def _release(engines: list[Engine]) -> None:
