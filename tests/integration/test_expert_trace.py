@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from mlx_lm import generate, load
@@ -29,6 +30,7 @@ def test_recording_a_trace_does_not_change_output_and_replays() -> None:
     assert generate(model, tokenizer, prompt, max_tokens=24) == plain
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert {line["layer"] for line in lines} == {0, 1, 2, 3}
+    assert {line["num_experts"] for line in lines} == {8}
     assert all(len(experts) == 2 for line in lines for experts in line["experts"])  # top-2 routing
     assert [line["bulk"] for line in lines[:5]] == [True] * 4 + [False]
     first_pass = next(line for line in lines if line["layer"] == 0)
@@ -70,3 +72,13 @@ def test_a_worker_records_and_the_cli_replays(tmp_path: Path) -> None:
         timeout=60,
     )
     assert bad.returncode == 2 and "between 1 and 8" in bad.stderr
+
+
+def test_a_streamed_model_records_all_its_experts_not_its_slots(tmp_path: Path) -> None:
+    path = tmp_path / "experts.jsonl"
+    with run_worker("demo", tmp_path / "w.log", "--expert-trace", str(path), "--expert-memory", "3M") as w:
+        status = httpx.get(f"{w.url}/admin/api/models", timeout=10).json()["models"][0]["experts"]
+        assert status["experts_per_layer"] < 8
+        c = openai.OpenAI(base_url=f"{w.url}/v1", api_key="unused", max_retries=0)
+        c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert trace.num_experts(trace.read(path)) == 8

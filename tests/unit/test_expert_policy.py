@@ -136,6 +136,7 @@ def test_replay_refuses_what_is_not_a_trace_and_skips_a_torn_last_line(
         '{"model": "m", "layer": 0, "experts": [1, 2]}\n': "trace.jsonl:1: a record needs",
         '{"model": "m", "layer": 0, "experts": [["a"]]}\n': "trace.jsonl:1: a record needs",
         '{"model": "m", "layer": 0}\n': "trace.jsonl:1: a record needs",
+        '{"model": "m", "layer": 0, "num_experts": 3, "experts": [[0, 3]]}\n': "above every expert id",
     }
     for text, message in refused.items():
         flags = ("--model", "other") if "other" in message else ()
@@ -144,3 +145,14 @@ def test_replay_refuses_what_is_not_a_trace_and_skips_a_torn_last_line(
     for capacity in ("inf", "nan", "lots"):
         code, said = replay(f"{good}\n", "--capacity", capacity)
         assert code == 2 and "Traceback" not in said, said
+
+
+def test_capacities_are_shares_of_the_experts_recorded_not_of_those_used(tmp_path: Path) -> None:
+    path = tmp_path / "trace.jsonl"
+    record = {"model": "m", "layer": 0, "bulk": False, "experts": [[0, 3]]}
+    path.write_text(json.dumps(record) + "\n")
+    assert trace.num_experts(trace.read(path)) == 4  # an old trace: as far as it shows
+    path.write_text(json.dumps({**record, "num_experts": 16}) + "\n")
+    per_layer = trace.read(path)
+    assert trace.num_experts(per_layer) == 16
+    assert trace.capacities("0.25,0.5", trace.num_experts(per_layer)) == [4, 8]

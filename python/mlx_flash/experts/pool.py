@@ -69,6 +69,14 @@ def is_bulk(x: mx.array) -> bool:
     return x.ndim >= 3 and x.shape[-2] > 1
 
 
+def experts_of(layer: Any) -> int:
+    """Experts of an expert layer (a SwitchGLU/SwitchMLP or what stands in for it)."""
+    if isinstance(layer, StreamedExperts):
+        return layer.num_experts
+    first = expert_arrays("", layer)[0]
+    return int(first.module[first.attribute].shape[0])
+
+
 def expert_arrays(path: str, switch: Any) -> list[ExpertArray]:
     """The per-expert arrays of a SwitchGLU/SwitchMLP at `path` in the model, named as saved."""
     out = []
@@ -255,6 +263,10 @@ class StreamedExperts(nn.Module):  # type: ignore[misc,name-defined]  # mlx.nn h
         super().__init__()
         self.inner = inner
         self._pool = pool
+
+    @property
+    def num_experts(self) -> int:
+        return self._pool.num_experts
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         pool = self._pool

@@ -1,11 +1,11 @@
 """Expert traces: which experts each token used in each MoE layer, recorded while a model runs, and
 replayed offline against every cache policy and Belady's optimum.
 
-A trace file holds JSON lines `{"model": M, "layer": L, "bulk": B, "experts": [[e, ...], ...]}`, one
-line per forward pass of a MoE layer (B: a prompt chunk), one list per token of the pass, in the order
-they ran (a last line cut short, by a worker killed mid-write, is left out). Replay serves it as the
-pools do: each pass asks for its experts once, a prompt chunk's as bulk (they must not flush what
-decoding uses), in groups no larger than the pool.
+A trace file holds JSON lines `{"model": M, "layer": L, "bulk": B, "num_experts": N, "experts": [[e, ...],
+...]}`, one line per forward pass of a MoE layer (B: a prompt chunk; N: the layer's experts), one list per
+token of the pass, in the order they ran (a last line cut short, by a worker killed mid-write, is left
+out). Replay serves it as the pools do: each pass asks for its experts once, a prompt chunk's as bulk
+(they must not flush what decoding uses), in groups no larger than the pool.
 
     mlx-flash experts replay TRACE [--model M] [--capacity 0.25,0.5]   hit rates per policy, the best
                                                                        fixed set and Belady's
@@ -26,7 +26,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_flash.experts.policy import POLICIES, belady_hit_rate, hit_rate, make_policy, static_hit_rate
-from mlx_flash.experts.pool import is_bulk, moe_layers
+from mlx_flash.experts.pool import experts_of, is_bulk, moe_layers
 
 
 class _Traced(nn.Module):  # type: ignore[misc,name-defined]  # mlx.nn has no type information
@@ -37,7 +37,7 @@ class _Traced(nn.Module):  # type: ignore[misc,name-defined]  # mlx.nn has no ty
     def __init__(self, inner: Any, model: str, layer: int, out: IO[str]) -> None:
         super().__init__()
         self.inner = inner
-        self._head = {"model": model, "layer": layer}
+        self._head = {"model": model, "layer": layer, "num_experts": experts_of(inner)}
         self._out = out
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
@@ -57,10 +57,12 @@ def record(model: Any, model_id: str, out: IO[str]) -> int:
 
 @dataclass(frozen=True)
 class Pass:
-    """One forward pass of a layer: each token's experts; `bulk` for a prompt chunk."""
+    """One forward pass of a layer: each token's experts; `bulk` for a prompt chunk; `experts`, the
+    layer's number of experts (None in traces that did not record it)."""
 
     bulk: bool
     tokens: list[list[int]]
+    experts: int | None = None
 
 
 Trace = dict[int, list[Pass]]  # per layer, its passes in order
@@ -81,10 +83,10 @@ def read(path: Path, model: str | None = None) -> Trace:
                 if not line.endswith("\n"):  # the last line, cut short mid-write
                     break
                 raise ValueError(f"{path}:{number}: not JSON ({e})") from e
-            name, layer, tokens = _fields(rec, f"{path}:{number}")
+            name, layer, tokens, experts = _fields(rec, f"{path}:{number}")
             seen.add(name)
             if model is None or name == model:
-                layers.setdefault(layer, []).append(Pass(bool(rec.get("bulk")), tokens))
+                layers.setdefault(layer, []).append(Pass(bool(rec.get("bulk")), tokens, experts))
     if model is None and len(seen) > 1:
         raise ValueError(f"{path} holds several models ({', '.join(sorted(seen))}): name one")
     if not layers:
@@ -92,11 +94,12 @@ def read(path: Path, model: str | None = None) -> Trace:
     return layers
 
 
-def _fields(rec: Any, where: str) -> tuple[str, int, list[list[int]]]:
-    """A record's model, layer and experts per token, checked."""
+def _fields(rec: Any, where: str) -> tuple[str, int, list[list[int]], int | None]:
+    """A record's model, layer, experts per token and the layer's number of experts, checked."""
     if not isinstance(rec, dict):
         raise ValueError(f"{where}: not a trace record (a JSON object)")
     name, layer, tokens = rec.get("model"), rec.get("layer"), rec.get("experts")
+    experts = rec.get("num_experts")
     ok = (
         isinstance(name, str)
         and isinstance(layer, int)
@@ -105,7 +108,11 @@ def _fields(rec: Any, where: str) -> tuple[str, int, list[list[int]]]:
     )
     if not ok:
         raise ValueError(f"{where}: a record needs model (text), layer (int), experts (lists of expert ids)")
-    return cast(tuple[str, int, list[list[int]]], (name, layer, tokens))
+    if experts is not None and not (
+        type(experts) is int and all(e < experts for t in cast(list[list[int]], tokens) for e in t)
+    ):
+        raise ValueError(f"{where}: num_experts must be a number above every expert id of the record")
+    return cast(tuple[str, int, list[list[int]], int | None], (name, layer, tokens, experts))
 
 
 def needs(passes: list[Pass]) -> list[tuple[bool, list[int]]]:
@@ -136,7 +143,11 @@ def replay(trace: Trace, capacity: int) -> dict[str, float]:
 
 
 def num_experts(trace: Trace) -> int:
-    """Experts per layer, as far as the trace shows: one more than the highest id it uses."""
+    """Experts per layer: as recorded, or (in a trace that did not record it) one more than the highest
+    id it uses."""
+    recorded = {p.experts for passes in trace.values() for p in passes if p.experts is not None}
+    if recorded:
+        return max(recorded)
     return 1 + max((e for passes in trace.values() for p in passes for t in p.tokens for e in t), default=-1)
 
 
