@@ -5,6 +5,7 @@ memory balloon in its cgroup the pools shrink, and grow back when the balloon is
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import sys
 import time
@@ -99,3 +100,34 @@ def test_the_pools_follow_a_memory_balloon_in_the_cgroup(tmp_path: Path) -> None
             assert asyncio.run(answers(w)) == want
             assert w.process.poll() is None
             assert "oom_kill 0" in (group / "memory.oom_control").read_text()
+
+
+def test_a_weight_file_cut_short_under_a_running_server_is_said_and_the_model_read_again(
+    tmp_path: Path,
+) -> None:
+    """Streamed experts are read from the model's files while it serves: if one is cut short, the
+    request fails saying so (not a generic error, not a wrong answer); the next request loads the
+    model afresh, which names the damage, and once the file is whole again it is served as before."""
+    model = tmp_path / "demo"
+    shutil.copytree(DEMO_MODEL_PATH, model)
+    weights = model / "model.safetensors"
+    whole = weights.read_bytes()
+    chat = {"model": str(model), "messages": [{"role": "user", "content": "What is 2+3?"}]}
+    with run_worker(str(model), tmp_path / "w.log", "--expert-memory", "3M") as w:
+        first = httpx.post(f"{w.url}/v1/chat/completions", json={**chat, "max_tokens": 8}, timeout=60)
+        assert first.status_code == 200
+        with weights.open("r+b") as f:  # in place: the worker's open descriptor sees it
+            f.truncate(len(whole) // 2)
+        broken = httpx.post(f"{w.url}/v1/chat/completions", json={**chat, "max_tokens": 8}, timeout=60)
+        assert broken.status_code == 500, broken.text
+        message = broken.json()["error"]["message"]
+        assert "could not be read" in message and str(weights) in message, message
+        reload = httpx.post(f"{w.url}/v1/chat/completions", json={**chat, "max_tokens": 8}, timeout=60)
+        assert reload.status_code >= 400 and str(weights) in reload.text, reload.text
+        tmp = weights.with_suffix(".tmp")
+        tmp.write_bytes(whole)
+        tmp.replace(weights)
+        again = httpx.post(f"{w.url}/v1/chat/completions", json={**chat, "max_tokens": 8}, timeout=60)
+        assert again.status_code == 200
+        assert again.json()["choices"][0]["message"] == first.json()["choices"][0]["message"]
+        assert "Traceback" not in broken.text + reload.text

@@ -222,7 +222,8 @@ async def _lines(reply: Reply, handle: RequestHandle) -> AsyncIterator[bytes]:
                 yield line(reply.final("", ev, clock))
                 return
             elif isinstance(ev, Failed):
-                yield line(ollama_body(InternalError("Generation failed after the response started.")))
+                said = ev.message if ev.public else "Generation failed after the response started."
+                yield line(ollama_body(InternalError(said)))
                 return
     finally:  # normal end, or the client went away and the server cancelled us
         handle.cancel()

@@ -298,7 +298,7 @@ async def collect(handle: RequestHandle, request: Request) -> Collected:
             elif isinstance(ev, ToolCall):
                 calls.append(ev)
             elif isinstance(ev, Failed):
-                raise InternalError()
+                raise InternalError(ev.message) if ev.public else InternalError()
             else:
                 return Collected("".join(texts), "".join(thought), items, calls, ev)
         raise InternalError()  # events() always ends with Finished or Failed

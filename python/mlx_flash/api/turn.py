@@ -69,7 +69,7 @@ async def gather(handle: RequestHandle, request: Request) -> Turn:
     async for ev in watched(handle, request):
         clock.saw_event()
         if isinstance(ev, Failed):
-            raise InternalError()
+            raise InternalError(ev.message) if ev.public else InternalError()
         if isinstance(ev, Finished):
             clock.ended()
             return Turn("".join(texts), ev, clock, events)

@@ -115,6 +115,8 @@ class Engine:
     ) -> None:
         self.loaded = loaded
         self.prefix_cache = prefix_cache or PrefixCache(loaded.id, DEFAULT_PREFIX_CACHE_BYTES)
+        # Why generation cannot go on (the model's files became unreadable): reload it.
+        self.broken: str | None = None
         self.max_batch = max_batch
         self.prefill_step = prefill_step
         self.prefill_budget = prefill_budget
@@ -184,10 +186,11 @@ class Engine:
                 for r in responses:
                     if r.finish_reason is not None:
                         self.prefix_cache.store(r.all_tokens, r.prompt_cache)
-            except Exception:
+            except Exception as e:
                 log.exception("generation failed", extra={"model": self.loaded.id})
+                message, public = self._failure(e)
                 for stream in streams.values():
-                    stream.fail("internal error during generation")
+                    stream.fail(message, public)
                 streams.clear()
                 generator.close()  # type: ignore[no-untyped-call]
                 generator = self._new_generator()
@@ -256,9 +259,9 @@ class Engine:
                 tokens.append(int(token))
                 if stream.step(_Step(int(token), logprobs, finish)):
                     break
-        except Exception:
+        except Exception as e:
             log.exception("generation failed", extra={**handle.log_fields, "model": self.loaded.id})
-            stream.fail("internal error during generation")
+            stream.fail(*self._failure(e))
             return
         finally:
             steps.close()
@@ -267,6 +270,15 @@ class Engine:
         fed = cache[0].offset
         if fed <= len(tokens):
             self.prefix_cache.store(tokens[:fed], cache)
+
+    def _failure(self, e: Exception) -> tuple[str, bool]:
+        """What requests are told generation failed of, and whether it is for the client: that the
+        model's files became unreadable under it (expert streaming reads them; the model is then
+        read afresh), or only that the server failed."""
+        if isinstance(e, OSError):
+            self.broken = f"The model's files could not be read: {e}."
+            return self.broken, True
+        return "internal error during generation", False
 
     def _remove(self, generator: BatchGenerator, uids: list[int]) -> None:
         """Take requests out of the batch, keeping what they computed for the prefix cache."""
@@ -454,9 +466,9 @@ class _Stream:
         matched = self._matcher.matched
         self.handle.emit(Finished(reason, len(req.prompt_tokens), self._completion, self.cached, matched))
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, public: bool = False) -> None:
         log.warning("generation failed", extra={**self._log_fields(), "error": message})
-        self.handle.emit(Failed(message))
+        self.handle.emit(Failed(message, public))
         self.close()
 
     def close(self) -> None:

@@ -103,6 +103,7 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     message: str
+    public: bool = False  # a message for the client (else it is told only that the server failed)
 
 
 Event = TextDelta | ReasoningDelta | ToolCall | Finished | Failed

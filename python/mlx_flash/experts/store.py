@@ -179,7 +179,7 @@ class ExpertStore:
                 for part in range(0, size, MAX_READ):
                     n = min(MAX_READ, size - part)
                     into = raw[i * size + part : i * size + part + n]
-                    jobs.append(self._pool.submit(_read_exact, fd, into, start + part))
+                    jobs.append(self._pool.submit(_read_exact, fd, into, start + part, t.location.file))
             started.append((name, buf, jobs, spans))
         for name, buf, jobs, spans in started:
             for job in jobs:
@@ -235,10 +235,10 @@ def _open_uncached(path: Path) -> int:
     return fd
 
 
-def _read_exact(fd: int, into: memoryview, offset: int) -> None:
+def _read_exact(fd: int, into: memoryview, offset: int, path: Path) -> None:
     done = 0
     while done < len(into):
         n = os.preadv(fd, [into[done:]], offset + done)
         if n == 0:
-            raise OSError(f"unexpected end of file at byte {offset + done}")
+            raise OSError(f"{path} ends at byte {offset + done}, before the experts it held when loaded")
         done += n

@@ -188,6 +188,9 @@ class Scheduler:
         """Hold the model `name` names, loading it first if needed (evicting idle ones for room)."""
         entry = self.entry(name)
         json_logging.bind(model=entry.id)
+        if entry.engine is not None and entry.engine.broken and entry.holders == 0:
+            # Read afresh: its files were replaced (it loads) or damaged (the load says how).
+            await self._unload(entry, "broken")
         entry.holders += 1
         try:
             while entry.engine is None:
@@ -232,9 +235,13 @@ class Scheduler:
                 raise ModelNotFound(entry.id, f"{e}{hint}") from e
             weights = weight_file_bytes(path) or 1
             room = min(self._ceiling(entry), self._system_room()) - self._prefix_budget
-            experts = await asyncio.to_thread(
-                streamer.plan, path, load_config(path), weights, room, self.config.expert_memory
-            )
+            try:
+                experts = await asyncio.to_thread(
+                    streamer.plan, path, load_config(path), weights, room, self.config.expert_memory
+                )
+            except (OSError, ValueError) as e:  # its config or safetensors headers are not readable
+                log.error("model failed to load", extra={"model": entry.id, "error": str(e)})
+                raise InternalError(f"The model '{entry.id}' failed to load: {e}") from e
             if experts is not None:
                 weights += experts.budget - experts.all_bytes
                 if experts.budget < experts.floor_bytes:
