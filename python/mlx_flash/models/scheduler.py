@@ -240,8 +240,7 @@ class Scheduler:
                     streamer.plan, path, load_config(path), weights, room, self.config.expert_memory
                 )
             except (OSError, ValueError) as e:  # its config or safetensors headers are not readable
-                log.error("model failed to load", extra={"model": entry.id, "error": str(e)})
-                raise InternalError(f"The model '{entry.id}' failed to load: {e}") from e
+                raise _load_failed(entry, e) from e
             if experts is not None:
                 weights += experts.budget - experts.all_bytes
                 if experts.budget < experts.floor_bytes:
@@ -265,8 +264,7 @@ class Scheduler:
                 engine = await asyncio.to_thread(_open, entry, path, self.config, self._prefix_cache, experts)
             except Exception as e:
                 entry.reserved = 0
-                log.exception("model failed to load", extra={"model": entry.id})
-                raise InternalError(f"The model '{entry.id}' failed to load: {type(e).__name__}: {e}") from e
+                raise _load_failed(entry, e) from e
             entry.engine, entry.error = engine, None
             entry.reserved = engine.loaded.weight_bytes + self._prefix_budget
             entry.last_used = time.monotonic()
@@ -460,6 +458,11 @@ def _system_has(need: int) -> bool:
     if snap["pressure"] == "critical":
         return False
     return need + headroom(snap) <= snap["effective_available_bytes"]
+
+
+def _load_failed(entry: Entry, e: Exception) -> InternalError:
+    log.error("model failed to load", extra={"model": entry.id}, exc_info=e)
+    return InternalError(f"The model '{entry.id}' failed to load: {type(e).__name__}: {e}")
 
 
 def headroom(snap: Any) -> int:
