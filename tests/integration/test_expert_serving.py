@@ -11,8 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import anthropic
 import httpx
+import ollama
 import openai
+import pytest
 
 from helpers import Worker, holding, memory_cgroup, run_worker
 from mlx_flash.demo import DEMO_MODEL_PATH
@@ -131,3 +134,63 @@ def test_a_weight_file_cut_short_under_a_running_server_is_said_and_the_model_re
         assert again.status_code == 200
         assert again.json()["choices"][0]["message"] == first.json()["choices"][0]["message"]
         assert "Traceback" not in broken.text + reload.text
+
+
+def _openai_chat(url: str, model: str, prompt: str) -> str:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    messages = [{"role": "user", "content": prompt}]
+    with pytest.raises(openai.APIError) as failed:
+        for _ in client.chat.completions.create(model=model, messages=messages, max_tokens=24, stream=True):  # type: ignore[arg-type]
+            pass
+    return failed.value.message
+
+
+def _anthropic(url: str, model: str, prompt: str) -> str:
+    client = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0)
+    messages = [{"role": "user", "content": prompt}]
+    with pytest.raises(anthropic.APIError) as failed:
+        with client.messages.stream(model=model, messages=messages, max_tokens=24) as stream:  # type: ignore[arg-type]
+            for _ in stream:
+                pass
+    return failed.value.message
+
+
+def _responses(url: str, model: str, prompt: str) -> str:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    kinds = []
+    for ev in client.responses.create(model=model, input=prompt, max_output_tokens=24, stream=True):
+        kinds.append(ev.type)
+        if ev.type == "response.failed":
+            assert ev.response.error is not None
+            return ev.response.error.message
+    raise AssertionError(f"no response.failed event: {kinds}")
+
+
+def _ollama(url: str, model: str, prompt: str) -> str:
+    with ollama.Client(host=url) as client:
+        messages = [{"role": "user", "content": prompt}]
+        with pytest.raises(ollama.ResponseError) as failed:
+            for _ in client.chat(model=model, messages=messages, stream=True, options={"num_predict": 24}):
+                pass
+    return failed.value.error
+
+
+def test_a_stream_cut_short_by_a_damaged_file_says_which_file_in_every_api(tmp_path: Path) -> None:
+    """A streamed answer that fails because an expert could not be read ends with that API's error
+    event naming the file, not a generic "generation failed"."""
+    model = tmp_path / "demo"
+    shutil.copytree(DEMO_MODEL_PATH, model)
+    weights = model / "model.safetensors"
+    whole = weights.read_bytes()
+    apis = {"openai": _openai_chat, "anthropic": _anthropic, "responses": _responses, "ollama": _ollama}
+    with run_worker(str(model), tmp_path / "w.log", "--expert-memory", "3M") as w:
+        for i, (api, stream) in enumerate(apis.items()):
+            chat = {"model": str(model), "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+            assert httpx.post(f"{w.url}/v1/chat/completions", json=chat, timeout=60).status_code == 200
+            with weights.open("r+b") as f:  # in place: the worker's open descriptor sees it
+                f.truncate(len(whole) // 2)
+            message = stream(w.url, str(model), f"{QUESTIONS[i]} Answer at length.")
+            assert "could not be read" in message and str(weights) in message, (api, message)
+            tmp = weights.with_suffix(".tmp")  # whole again: the next request loads it afresh
+            tmp.write_bytes(whole)
+            tmp.replace(weights)

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from mlx_flash.api.error_shapes import anthropic_body
-from mlx_flash.api.errors import InternalError, InvalidRequest
+from mlx_flash.api.errors import InvalidRequest, generation_failed
 from mlx_flash.api.fields import Fields
 from mlx_flash.api.openai import SSE_HEADERS, _with_model, budget
 from mlx_flash.api.tools import ToolSpec, anthropic_tools, prepare
@@ -312,7 +312,7 @@ async def _events(head: dict[str, Any], handle: RequestHandle, prompt_len: int) 
                 yield event("message_stop", {})
                 return
             else:
-                err = anthropic_body(InternalError("Generation failed after the response started."))
+                err = anthropic_body(generation_failed(ev, started=True))
                 yield event("error", {"error": err["error"]})
                 return
     finally:  # normal end, or the client went away and the server cancelled us

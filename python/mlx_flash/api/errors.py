@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlx_flash.engine.request import Failed
+
 
 class ApiError(Exception):
     status = 400
@@ -100,3 +105,11 @@ class InternalError(ApiError):
     def headers(self) -> dict[str, str]:
         # Retrying a bug does not fix it; the openai SDK honours this header.
         return {"x-should-retry": "false"}
+
+
+def generation_failed(failed: Failed, started: bool = False) -> InternalError:
+    """What a client is told of a failed generation: the engine's message when it is for the client
+    (the model's files became unreadable), else only that the server failed."""
+    if failed.public:
+        return InternalError(failed.message)
+    return InternalError("Generation failed after the response started.") if started else InternalError()

@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute, Route
 from mlx_flash.api import ollama_models
 from mlx_flash.api.body import read_json_object
 from mlx_flash.api.error_shapes import ollama_body
-from mlx_flash.api.errors import InternalError, InvalidRequest
+from mlx_flash.api.errors import InvalidRequest, generation_failed
 from mlx_flash.api.fields import Fields
 from mlx_flash.api.ollama_models import DEFAULT_OPTIONS, keep_alive, parse_keep_alive
 from mlx_flash.api.openai import budget
@@ -222,8 +222,7 @@ async def _lines(reply: Reply, handle: RequestHandle) -> AsyncIterator[bytes]:
                 yield line(reply.final("", ev, clock))
                 return
             elif isinstance(ev, Failed):
-                said = ev.message if ev.public else "Generation failed after the response started."
-                yield line(ollama_body(InternalError(said)))
+                yield line(ollama_body(generation_failed(ev, started=True)))
                 return
     finally:  # normal end, or the client went away and the server cancelled us
         handle.cancel()

@@ -22,6 +22,7 @@ from mlx_flash.api.errors import (
     ContextLengthExceeded,
     InternalError,
     InvalidRequest,
+    generation_failed,
 )
 from mlx_flash.api.fields import Fields
 from mlx_flash.api.structured import constraint, openai_format
@@ -298,7 +299,7 @@ async def collect(handle: RequestHandle, request: Request) -> Collected:
             elif isinstance(ev, ToolCall):
                 calls.append(ev)
             elif isinstance(ev, Failed):
-                raise InternalError(ev.message) if ev.public else InternalError()
+                raise generation_failed(ev)
             else:
                 return Collected("".join(texts), "".join(thought), items, calls, ev)
         raise InternalError()  # events() always ends with Finished or Failed
@@ -362,17 +363,13 @@ def streaming(
                     if env.include_usage:
                         yield env.usage_chunk(ev)
                 else:
-                    yield stream_error()
+                    yield sse(error_body(generation_failed(ev, started=True)))
                     return
             yield b"data: [DONE]\n\n"
         finally:  # normal end, or the client went away and the server cancelled us
             handle.cancel()
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
-
-
-def stream_error() -> bytes:
-    return sse(error_body(InternalError("Generation failed after the response started.")))
 
 
 # ---------------------------------------------------------------- endpoints

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from mlx_flash.api.errors import ApiError, InternalError, InvalidRequest
+from mlx_flash.api.errors import ApiError, InvalidRequest, generation_failed
 from mlx_flash.api.fields import Fields
 from mlx_flash.api.openai import SSE_HEADERS, _with_model, budget, error_body, parse_arguments
 from mlx_flash.api.response_store import ResponseStore
@@ -393,7 +393,7 @@ async def _events(draft: Draft, handle: RequestHandle, keep: Any) -> AsyncIterat
                 yield event(kind, {"response": response})
                 return
             else:
-                err = error_body(InternalError("Generation failed after the response started."))["error"]
+                err = error_body(generation_failed(ev, started=True))["error"]
                 failed = draft.object("failed", [], error={"code": "server_error", "message": err["message"]})
                 yield event("response.failed", {"response": failed})
                 return

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
-from mlx_flash.api.errors import InternalError
+from mlx_flash.api.errors import InternalError, generation_failed
 from mlx_flash.engine.engine import RequestHandle
 from mlx_flash.engine.request import Event, Failed, Finished, TextDelta, ToolCall
 
@@ -69,7 +69,7 @@ async def gather(handle: RequestHandle, request: Request) -> Turn:
     async for ev in watched(handle, request):
         clock.saw_event()
         if isinstance(ev, Failed):
-            raise InternalError(ev.message) if ev.public else InternalError()
+            raise generation_failed(ev)
         if isinstance(ev, Finished):
             clock.ended()
             return Turn("".join(texts), ev, clock, events)
