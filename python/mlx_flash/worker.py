@@ -38,6 +38,7 @@ from mlx_flash.api.errors import (
     ApiError,
     InternalError,
     MethodNotAllowed,
+    ModelTooLarge,
     RouteNotFound,
     Unauthorized,
 )
@@ -255,11 +256,26 @@ async def _load_startup_models(state: WorkerState, on_fatal: Callable[[], None] 
         except Exception as e:
             log.error("model failed to load", extra={"model": name, "error": str(e)})
             state.load_error = str(e) if isinstance(e, ApiError) else f"{type(e).__name__}: {e}"
+            state.load_hopeless = hopeless(e)
             if on_fatal is not None:
                 on_fatal()
             return
     state.ready = True
     log.info("ready", extra={"models": list(state.config.startup_models)})
+
+
+# Exit status of a worker whose startup models cannot load for a reason a restart does not fix; its
+# supervisor (the sidecar) gives up on it at once rather than retrying.
+EXIT_CANNOT_LOAD = 3
+
+
+def hopeless(e: Exception) -> bool:
+    """Whether a failed load would fail the same way again: a model larger than the memory limit, or
+    one whose files do not load (damaged, incomplete, unsupported). Memory that may free up, a queue
+    that may drain, a hub that may become reachable are worth a retry."""
+    if isinstance(e, ModelTooLarge):
+        return True
+    return isinstance(e, InternalError) and not isinstance(e.__cause__, MemoryError)
 
 
 def _bind(config: WorkerConfig) -> socket.socket:
@@ -337,7 +353,7 @@ def run(config: WorkerConfig) -> int:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(1)
+        os._exit(EXIT_CANNOT_LOAD if state.load_hopeless else 1)
     return 0
 
 

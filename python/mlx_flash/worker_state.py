@@ -36,6 +36,8 @@ class WorkerState:
     config: WorkerConfig
     ready: bool = False
     load_error: str | None = None
+    # Whether loading again cannot help: the model is damaged, unsupported or larger than the limit.
+    load_hopeless: bool = False
     _scheduler: Scheduler | None = field(default=None, repr=False)
 
     @property

@@ -174,4 +174,5 @@ def test_bad_flags_are_clear_errors(tmp_path: Path) -> None:
     r = run("--aliases", str(bad))
     assert r.returncode == 2 and "[aliases] must map names to strings" in r.stderr
     r = run("--memory-limit", "1M")
-    assert r.returncode == 1 and "model_too_large" not in r.stderr and "needs about" in r.stderr
+    # Status 3: a restart would not help, so a supervisor does not retry it.
+    assert r.returncode == 3 and "model_too_large" not in r.stderr and "needs about" in r.stderr

@@ -37,6 +37,9 @@ const TERM_TIMEOUT: Duration = Duration::from_secs(5);
 const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
 /// An error logged this soon before a worker exited says why it did.
 const LAST_WORDS: Duration = Duration::from_secs(5);
+/// Exit status of a worker whose models cannot load for a reason a restart does not fix (a damaged
+/// or unsupported model, one larger than its memory limit): it is given up on at once.
+const EXIT_CANNOT_LOAD: i32 = 3;
 
 /// Everything a supervisor needs.
 pub struct Supervisor {
@@ -62,6 +65,7 @@ type Logged = (Instant, String);
 /// Why one life of a worker ended.
 enum Ended {
     Exited(String),
+    CannotLoad(String),
     Hung(String),
     RestartRequested,
     Shutdown,
@@ -78,10 +82,11 @@ impl Supervisor {
                 Ok(life) => self.watch(life, &stop).await,
                 Err(e) => Ended::Exited(format!("cannot start worker: {e}")),
             };
-            let (reason, crashed) = match ended {
+            let (reason, crashed, hopeless) = match ended {
                 Ended::Shutdown => break,
-                Ended::RestartRequested => ("restart requested".to_owned(), false),
-                Ended::Exited(r) | Ended::Hung(r) => (r, true),
+                Ended::RestartRequested => ("restart requested".to_owned(), false, false),
+                Ended::Exited(r) | Ended::Hung(r) => (r, true, false),
+                Ended::CannotLoad(r) => (r, true, true),
             };
             self.policy.forget(&self.backend.id);
             self.metrics
@@ -98,7 +103,8 @@ impl Supervisor {
             if crashed {
                 recent_restarts.push(Instant::now());
             }
-            let failed = recent_restarts.len() as u32 > self.settings.flags.max_restarts;
+            let failed =
+                hopeless || recent_restarts.len() as u32 > self.settings.flags.max_restarts;
             {
                 let mut status = self.backend.status();
                 status.pid = None;
@@ -111,8 +117,13 @@ impl Supervisor {
                 };
             }
             if failed {
+                let why = if hopeless {
+                    "worker cannot load its models and a restart would not help"
+                } else {
+                    "worker failed too often"
+                };
                 tracing::error!(worker = %self.backend.id, error = %reason,
-                    "worker failed too often; giving up on it until a restart is requested");
+                    "{why}; giving up on it until a restart is requested");
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = self.backend.restart.notified() => {
@@ -166,10 +177,8 @@ impl Supervisor {
     async fn watch(&self, life: Life, stop: &CancellationToken) -> Ended {
         let Life { mut child, output } = life;
         match self.watch_child(&mut child, stop).await {
-            Ended::Exited(how) => Ended::Exited(match last_error(output).await {
-                Some(error) => format!("{how}: {error}"),
-                None => how,
-            }),
+            Ended::Exited(how) => Ended::Exited(said(how, output).await),
+            Ended::CannotLoad(how) => Ended::CannotLoad(said(how, output).await),
             ended => ended,
         }
     }
@@ -182,13 +191,7 @@ impl Supervisor {
         let mut probes = 0u32;
         loop {
             tokio::select! {
-                exit = child.wait() => {
-                    let how = match exit {
-                        Ok(status) => format!("worker exited ({status})"),
-                        Err(e) => format!("cannot wait for worker: {e}"),
-                    };
-                    return Ended::Exited(how);
-                }
+                exit = child.wait() => return exited(exit),
                 _ = stop.cancelled() => {
                     terminate(child).await;
                     return Ended::Shutdown;
@@ -202,10 +205,7 @@ impl Supervisor {
             let was_ready = self.backend.status().state == State::Ready;
             let probe = tokio::select! {
                 p = self.backend.probe(!was_ready || probes.is_multiple_of(MODELS_REFRESH_EVERY)) => p,
-                exit = child.wait() => {
-                    let how = exit.map_or_else(|e| e.to_string(), |s| s.to_string());
-                    return Ended::Exited(format!("worker exited ({how})"));
-                }
+                exit = child.wait() => return exited(exit),
             };
             probes = probes.wrapping_add(1);
             let (state, error) = match probe {
@@ -252,6 +252,25 @@ impl Supervisor {
                 status.last_error = error;
             }
         }
+    }
+}
+
+/// How a worker's process ended.
+fn exited(exit: std::io::Result<std::process::ExitStatus>) -> Ended {
+    match exit {
+        Ok(status) if status.code() == Some(EXIT_CANNOT_LOAD) => {
+            Ended::CannotLoad(format!("worker exited ({status})"))
+        }
+        Ok(status) => Ended::Exited(format!("worker exited ({status})")),
+        Err(e) => Ended::Exited(format!("cannot wait for worker: {e}")),
+    }
+}
+
+/// `how` a worker exited, with the error it logged last if that says why.
+async fn said(how: String, output: Vec<JoinHandle<Option<Logged>>>) -> String {
+    match last_error(output).await {
+        Some(error) => format!("{how}: {error}"),
+        None => how,
     }
 }
 
