@@ -265,7 +265,8 @@ async def _load_startup_models(state: WorkerState, on_fatal: Callable[[], None] 
 
 
 # Exit status of a worker whose startup models cannot load for a reason a restart does not fix; its
-# supervisor (the sidecar) gives up on it at once rather than retrying.
+# supervisor gives up on it at once rather than retrying (sidecar/src/workers/supervisor.rs: the same
+# constant).
 EXIT_CANNOT_LOAD = 3
 
 

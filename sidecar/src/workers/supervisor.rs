@@ -38,7 +38,8 @@ const OUTPUT_DRAIN: Duration = Duration::from_secs(1);
 /// An error logged this soon before a worker exited says why it did.
 const LAST_WORDS: Duration = Duration::from_secs(5);
 /// Exit status of a worker whose models cannot load for a reason a restart does not fix (a damaged
-/// or unsupported model, one larger than its memory limit): it is given up on at once.
+/// or unsupported model, one larger than its memory limit): it is given up on at once. The worker's
+/// side is `mlx_flash.worker.EXIT_CANNOT_LOAD`.
 const EXIT_CANNOT_LOAD: i32 = 3;
 
 /// Everything a supervisor needs.
